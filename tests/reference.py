@@ -1,0 +1,63 @@
+"""Independent reference computations for the engine: no cache, the whole sequence recomputed
+every step, one model at a time, top-k / top-p written out by sorting."""
+from __future__ import annotations
+
+import torch
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    return torch.log_softmax(logits, -1)
+
+
+def keep_top(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Written independently of fusion.truncate: walk the sorted list."""
+    order = torch.argsort(logits, descending=True).tolist()
+    allowed = order[:top_k] if top_k else order
+    if top_p < 1.0:
+        probs = torch.softmax(logits[allowed], -1).tolist()
+        kept, total = [], 0.0
+        for tok, p in zip(allowed, probs):
+            kept.append(tok)
+            total += p
+            if total >= top_p:
+                break
+        allowed = kept
+    out = torch.full_like(logits, float("-inf"))
+    out[allowed] = logits[allowed]
+    return out
+
+
+def gumbel(generator: torch.Generator, V: int) -> torch.Tensor:
+    u = torch.rand((V,), generator=generator, dtype=torch.float64)
+    u = u.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+    return -torch.log(-torch.log(u))
+
+
+def reference_decode(base, arms: list, weights, prompt: list[int], steps: int, temperature=0.0,
+                     top_k=0, top_p=1.0, seed=0, normalised=False, eos_ids=(), weights_at=None):
+    """Returns per step: token, log p_base, [log p_arm], log p_fused (all of the chosen token).
+    weights_at(step) overrides weights for that step (mid-stream changes)."""
+    ids, out = list(prompt), []
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        w = weights_at(step) if weights_at else weights
+        base_lp = full_logprobs(base, ids)
+        arm_lps = [full_logprobs(a, ids) for a in arms]
+        score = base_lp.clone()
+        for wi, lp in zip(w, arm_lps):
+            score = score + wi * lp
+        if normalised:
+            score = score / (1 + sum(w))
+        if temperature > 0:
+            noise = gumbel(gen, score.shape[0])
+            tok = int(torch.argmax(keep_top(score / temperature, top_k, top_p) + noise))
+        else:
+            tok = int(torch.argmax(score))
+        fused = torch.log_softmax(score, -1)
+        out.append((tok, float(base_lp[tok]), [float(lp[tok]) for lp in arm_lps], float(fused[tok])))
+        ids.append(tok)
+        if tok in eos_ids:
+            break
+    return out

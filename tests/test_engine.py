@@ -1,0 +1,269 @@
+import gc
+import math
+import threading
+import weakref
+
+import pytest
+import torch
+
+from conftest import engine_for, make_model, save_model
+from genarm_core import Pane, RequestError, SamplingOptions
+from reference import full_logprobs, reference_decode
+
+TOL = 1e-4  # float32 engine vs float64 reference, log-prob units
+PROMPTS = ["Tell me about tea.", "How do I fix a flat bicycle tyre quickly?"]
+
+
+def arm_models(tiny):
+    return [tiny["help"], tiny["harm"], tiny["small"]]
+
+
+def run_stream(engine, prompt, panes, opts):
+    events = [[] for _ in panes]
+    for step in engine.stream(prompt, panes, opts):
+        for ev in step:
+            events[ev.pane].append(ev)
+    return events
+
+
+def assert_matches(events, ref):
+    assert [e.token_id for e in events] == [r[0] for r in ref]
+    for e, (tok, lp_base, lp_arms, lp_fused) in zip(events, ref):
+        assert e.logprob_base == pytest.approx(lp_base, abs=TOL)
+        assert list(e.logprob_arms.values()) == pytest.approx(lp_arms, abs=TOL)
+        assert e.logprob_fused == pytest.approx(lp_fused, abs=TOL)
+
+
+def test_zero_weights_greedy_equals_transformers_generate(engine, tiny):
+    """With every ARM loaded but at weight 0, the base rows of the mixed batch are the base model."""
+    opts = SamplingOptions(temperature=0, max_new_tokens=12)
+    results = engine.generate(PROMPTS, {}, opts)  # two prompts of different lengths: left padding
+    for prompt, result in zip(PROMPTS, results):
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            out = tiny["base"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                                        pad_token_id=2, eos_token_id=2)
+        assert result.token_ids == out[0, len(ids):].tolist()
+
+
+def test_zero_weights_sampling_equals_plain_softmax_sampler(engine, tiny):
+    opts = SamplingOptions(temperature=0.9, max_new_tokens=10, seed=7)
+    ids = engine.encode(PROMPTS[0])
+    ref = reference_decode(tiny["base"], [], [], ids, 10, temperature=0.9, seed=7)
+    events = run_stream(engine, PROMPTS[0], [{}], opts)[0]
+    assert [e.token_id for e in events] == [r[0] for r in ref]
+    for e, r in zip(events, ref):
+        assert e.logprob_base == pytest.approx(r[1], abs=TOL)
+        assert e.logprob_fused == pytest.approx(r[1], abs=TOL)  # fused == base at weight 0
+
+
+@pytest.mark.parametrize("weights,temperature,top_k,top_p,normalised", [
+    ((1.0, 0.0, 0.0), 0.0, 0, 1.0, False),
+    ((2.0, -1.0, 0.5), 0.0, 0, 1.0, False),
+    ((1.5, 0.5, -0.5), 0.8, 0, 1.0, False),
+    ((1.0, 1.0, 1.0), 1.0, 20, 1.0, False),
+    ((0.5, -0.5, 2.0), 0.7, 0, 0.6, False),
+    ((3.0, 1.0, 0.0), 1.2, 50, 0.9, True),
+])
+def test_fused_decoding_equals_full_recompute(engine, tiny, weights, temperature, top_k, top_p, normalised):
+    names = engine.arm_names
+    opts = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=8,
+                           seed=3, normalised=normalised)
+    ids = engine.encode(PROMPTS[1])
+    ref = reference_decode(tiny["base"], arm_models(tiny), weights, ids, 8, temperature, top_k, top_p,
+                           seed=3, normalised=normalised)
+    events = run_stream(engine, PROMPTS[1], [dict(zip(names, weights))], opts)[0]
+    assert_matches(events, ref)
+
+
+def test_every_step_distribution_equals_full_recompute(engine, tiny):
+    """The whole vocabulary, not only the chosen token: LoRA rows of one mixed batch equal the
+    merged adapters run as separate models, the standalone ARM equals its own full recompute."""
+    from genarm_core.engine import _Batch
+
+    prompts = [engine.encode(p) for p in PROMPTS]
+    batch = _Batch(engine.models, prompts, [0, 0, 1])
+    seqs = [list(prompts[0]), list(prompts[0]), list(prompts[1])]
+    base_lp, arm_lp = batch.prefill()
+    for step in range(4):
+        for s, ids in enumerate(seqs):
+            ref_base = full_logprobs(tiny["base"], ids)
+            assert torch.allclose(base_lp[s].double(), ref_base, atol=TOL)
+            for i, model in enumerate(arm_models(tiny)):
+                assert torch.allclose(arm_lp[s, i].double(), full_logprobs(model, ids), atol=TOL)
+        tokens = torch.tensor([100 + step, 200 + step, 300 + step])
+        for s in range(3):
+            seqs[s].append(int(tokens[s]))
+        base_lp, arm_lp = batch.step(tokens)
+    batch.keep(torch.tensor([0, 2]))  # dropping a finished sequence keeps the others intact
+    del seqs[1]
+    base_lp, arm_lp = batch.step(torch.tensor([7, 8]))
+    seqs[0].append(7)
+    seqs[1].append(8)
+    for s, ids in enumerate(seqs):
+        assert torch.allclose(base_lp[s].double(), full_logprobs(tiny["base"], ids), atol=TOL)
+        assert torch.allclose(arm_lp[s, 1].double(), full_logprobs(tiny["harm"], ids), atol=TOL)
+
+
+def test_weak_to_strong_standalone_arm_of_another_size(tiny):
+    engine = engine_for(tiny["root"] / "base", [{"name": "small", "model": {"path": str(tiny["root"] / "small")}}])
+    assert engine.models.lora_arms == [] and list(engine.models.standalone) == ["small"]
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=6)
+    ids = engine.encode(PROMPTS[0])
+    ref = reference_decode(tiny["base"], [tiny["small"]], [2.0], ids, 6)
+    assert_matches(run_stream(engine, PROMPTS[0], [{"small": 2.0}], opts)[0], ref)
+
+
+def test_weight_change_mid_stream_applies_from_next_token(engine, tiny):
+    names = engine.arm_names
+    before, after, switch = (0.0, 0.0, 0.0), (3.0, 0.0, 1.0), 3
+    opts = SamplingOptions(temperature=0.8, max_new_tokens=7, seed=11)
+    pane = Pane(dict(zip(names, before)))
+    events = []
+    for step in engine.stream(PROMPTS[0], [pane], opts):
+        events.append(step[0])
+        if len(events) == switch:
+            pane.set_weights(dict(zip(names, after)))
+    ids = engine.encode(PROMPTS[0])
+    ref = reference_decode(tiny["base"], arm_models(tiny), None, ids, 7, 0.8, seed=11,
+                           weights_at=lambda s: before if s < switch else after)
+    assert_matches(events, ref)
+    assert [e.weights == dict(zip(names, before)) for e in events] == [True] * switch + [False] * 4
+    # and before the switch nothing differs from a run that never changes weights
+    unchanged = run_stream(engine, PROMPTS[0], [dict(zip(names, before))], opts)[0]
+    assert [e.token_id for e in unchanged[:switch]] == [e.token_id for e in events[:switch]]
+    assert [e.logprob_fused for e in unchanged[switch:]] != pytest.approx([e.logprob_fused for e in events[switch:]])
+
+
+def test_panes_share_random_draws(engine):
+    opts = SamplingOptions(temperature=1.0, max_new_tokens=12, seed=5)
+    same = {"help": 1.0, "harm": 0.5}
+    panes = run_stream(engine, PROMPTS[0], [same, dict(same), {"help": -1.5, "small": 3.0}], opts)
+    text = ["".join(e.text for e in p) for p in panes]
+    assert text[0] == text[1] and [e.token_id for e in panes[0]] == [e.token_id for e in panes[1]]
+    assert [e.token_id for e in panes[2]] != [e.token_id for e in panes[0]]
+    # a pane's sample does not depend on which other panes share the batch
+    alone = run_stream(engine, PROMPTS[0], [{"help": -1.5, "small": 3.0}], opts)[0]
+    assert [e.token_id for e in alone] == [e.token_id for e in panes[2]]
+
+
+def test_generate_batches_prompts_like_single_calls(engine):
+    opts = SamplingOptions(temperature=0.7, max_new_tokens=8, seed=2)
+    w = {"help": 1.0, "small": -0.5}
+    together = engine.generate(PROMPTS, w, opts)
+    for prompt, result in zip(PROMPTS, together):
+        alone = engine.generate(prompt, w, opts)
+        assert alone.token_ids == result.token_ids
+        assert alone.logprobs_fused == pytest.approx(result.logprobs_fused, abs=TOL)
+
+
+def test_eos_by_token_id_and_incremental_text(tiny, tokenizer):
+    engine = engine_for(tiny["root"] / "base")
+    free = engine.generate(PROMPTS[0], {}, SamplingOptions(temperature=0, max_new_tokens=10))
+    assert free.finish_reason == "length"
+    assert free.text == tokenizer.decode(free.token_ids, skip_special_tokens=True)
+    engine.models.eos_ids = [2, free.token_ids[4]]  # pretend the 5th token is an end-of-turn token
+    stopped = engine.generate(PROMPTS[0], {}, SamplingOptions(temperature=0, max_new_tokens=10))
+    assert stopped.finish_reason == "eos" and stopped.token_ids == free.token_ids[:5]
+    assert stopped.text == tokenizer.decode(free.token_ids[:4], skip_special_tokens=True)
+
+
+def test_stop_strings_end_the_answer_before_the_stop(tiny, tokenizer):
+    engine = engine_for(tiny["root"] / "base")
+    free = engine.generate(PROMPTS[1], {}, SamplingOptions(temperature=0, max_new_tokens=12))
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    cut = engine.generate(PROMPTS[1], {}, SamplingOptions(temperature=0, max_new_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.index(stop)]
+
+
+def test_cancel_frees_caches_and_reports(engine):
+    stream = engine.stream(PROMPTS[0], [{"help": 1.0}, {}], SamplingOptions(max_new_tokens=50))
+    first = next(stream)
+    assert len(first) == 2 and not first[0].finished
+    caches = [weakref.ref(c) for c in stream.batch.caches.values()]
+    assert caches and all(ref() is not None for ref in caches)
+    threading.Thread(target=stream.cancel).start()
+    rest = list(stream)
+    assert rest[-1][0].finish_reason == "cancelled" and len(rest) <= 2
+    assert stream.batch is None
+    gc.collect()
+    assert all(ref() is None for ref in caches)
+
+
+def test_closing_a_stream_midway_frees_caches(engine):
+    stream = engine.stream(PROMPTS[0], [{}], SamplingOptions(max_new_tokens=50))
+    next(stream)
+    ref = weakref.ref(stream.batch.caches["backbone"])
+    stream.close()
+    gc.collect()
+    assert ref() is None and stream.batch is None
+
+
+def test_score_is_beta_times_response_logprob(engine, tiny, tokenizer):
+    prompt, response = "Say hi.", "Hi there, friend!"
+    rewards = engine.score(prompt, response)
+    ids = engine.encode(prompt)
+    resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [2]
+    for name, model in zip(engine.arm_names, arm_models(tiny)):
+        expected = sum(float(full_logprobs(model, ids + resp[:t])[resp[t]]) for t in range(len(resp)))
+        assert rewards[name] == pytest.approx(engine.models.betas[name] * expected, rel=1e-4)
+    batch = engine.score(prompt, [response, "No."])
+    assert batch[0] == pytest.approx(rewards, rel=1e-5)
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"nope": 1.0}, "unknown ARM"),
+    ({"help": float("nan")}, "finite"),
+    ({"help": 99.0}, "outside its range"),
+    ({"help": "1"}, "expected a number"),
+])
+def test_bad_weights_are_refused(engine, weights, message):
+    with pytest.raises(RequestError, match=message):
+        engine.stream("hi", [weights])
+
+
+def test_bad_prompts_and_options_are_refused(engine):
+    with pytest.raises(RequestError, match="empty"):
+        engine.generate("   ", {})
+    with pytest.raises(RequestError, match="context of 256"):
+        engine.generate("word " * 300, {})
+    with pytest.raises(RequestError, match="context of 256"):
+        engine.generate("hello", {}, SamplingOptions(max_new_tokens=250))
+    with pytest.raises(RequestError, match="top_p"):
+        engine.generate("hello", {}, SamplingOptions(top_p=0))
+    with pytest.raises(RequestError, match="normalised"):
+        engine.generate("hello", {"help": -2.0}, SamplingOptions(normalised=True))
+
+
+def test_failed_request_leaves_other_streams_untouched(engine):
+    opts = SamplingOptions(temperature=0.5, max_new_tokens=6, seed=1)
+    expected = engine.generate(PROMPTS[0], {"help": 1.0}, opts)
+    stream = engine.stream(PROMPTS[0], [{"help": 1.0}], opts)
+    got = [next(stream)[0]]
+    with pytest.raises(RequestError):
+        engine.stream(PROMPTS[0], [{"help": math.inf}], opts)
+    got += [s[0] for s in stream]
+    assert [e.token_id for e in got] == expected.token_ids
+
+
+def test_incompatible_tokenizer_is_refused(tmp_path, tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from genarm_core import ModelLoadError
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate("a b c d e".split())}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", bos_token="<s>")
+    save_model(make_model(other_tok, "llama", seed=9, hidden=32, layers=1), other_tok, tmp_path / "other")
+    with pytest.raises(ModelLoadError, match="ARM 'other'.*different tokenizer"):
+        engine_for(tiny["root"] / "base", [{"name": "other", "model": {"path": str(tmp_path / "other")}}])
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path, tiny):
+    from genarm_core import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="ARM 'help': no LoRA adapter at"):
+        engine_for(tiny["root"] / "base", [{"name": "help", "adapter": str(tmp_path / "missing")}])

@@ -91,6 +91,9 @@ def builtin_folder(name: str) -> Path:
 
 def _from_source(source: ModelSource, what: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     kwargs = dict(trust_remote_code=False)
     if source.builtin:

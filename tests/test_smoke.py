@@ -1,0 +1,37 @@
+"""End-to-end smoke of the real default profile (SmolLM2-135M-Instruct, offline, CPU)."""
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genarm_core import Engine, SamplingOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return Engine.from_profile()
+
+
+def test_default_profile_greedy_equals_transformers_generate(default_engine):
+    engine = default_engine
+    result = engine.generate("Name one fruit.", {}, SamplingOptions(temperature=0, max_new_tokens=12))
+    assert result.text.strip() and result.token_ids
+    ids = torch.tensor([engine.encode("Name one fruit.")], device=engine.models.device)
+    backbone = engine.models.backbone
+    off = backbone.disable_adapter() if hasattr(backbone, "disable_adapter") else contextlib.nullcontext()
+    with off, torch.no_grad():
+        out = backbone.generate(ids, do_sample=False, max_new_tokens=12)
+    assert result.token_ids == out[0, ids.shape[1]:].tolist()
+
+
+def test_cli_runs_the_default_profile():
+    run = subprocess.run([sys.executable, "-m", "genarm_core", "generate", "--prompt", "Say hello.",
+                          "--max-new-tokens", "6", "--seed", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()

@@ -164,8 +164,10 @@ class _Batch:
 
     def _split(self, backbone_lp, standalone_lp):
         """Base log-probs [S, V] and ARM log-probs [S, N, V] in the profile's ARM order."""
+        dev = self.m.device  # with device_map="auto" the logits may come out on another GPU
+        backbone_lp = backbone_lp.to(dev)
         by_name = dict(zip(self.lora, backbone_lp[1:]))
-        by_name.update(zip(self.m.standalone, standalone_lp))
+        by_name.update((n, lp.to(dev)) for n, lp in zip(self.m.standalone, standalone_lp))
         names = self.m.arm_names
         base = backbone_lp[0]
         arms = torch.stack([by_name[n] for n in names], 1) if names else base.new_zeros(base.shape[0], 0, base.shape[1])
@@ -319,10 +321,13 @@ class Engine:
         m = self.models
         seqs = [(p, k) for p in range(len(prompts)) for k in range(len(panes))]
         S = len(seqs)
-        generators = [torch.Generator().manual_seed(options.seed) for _ in prompts]
+        # one generator per prompt: a prompt's samples do not depend on what else is in the batch
+        generators = [torch.Generator(m.device).manual_seed(options.seed) for _ in prompts]
         detoks = [IncrementalDetokenizer(self.tokenizer) for _ in seqs]
         stops = [StopStringFilter(options.stop) for _ in seqs]
         alive = list(range(S))  # sequence numbers still running, in batch order
+        prompt_of = torch.tensor([p for p, _ in seqs], device=m.device)
+        last_weights, w = None, None
         eos = torch.tensor(m.eos_ids or [-1], device=m.device)
         try:
             batch = stream.batch = _Batch(m, prompts, [p for p, _ in seqs])
@@ -333,8 +338,10 @@ class Engine:
                     yield [self._final_event(seqs[s], step, "cancelled", panes) for s in alive]
                     return
                 weights = [panes[seqs[s][1]].weights for s in alive]
-                tokens, host = self._choose(base_lp, arm_lp, weights, options, generators,
-                                            [seqs[s][0] for s in alive], eos)
+                if weights != last_weights:  # copy weights to the device only when they change
+                    w = torch.tensor([[ws[n] for n in self.arm_names] for ws in weights], device=m.device)
+                    last_weights = weights
+                tokens, host = self._choose(base_lp, arm_lp, w, options, generators, prompt_of, eos)
                 events, finished = [], []
                 for row, s in enumerate(alive):
                     token, lp_base, *lp_arms, lp_fused, is_eos = host[row]
@@ -361,7 +368,7 @@ class Engine:
                         return
                     index = torch.tensor(keep, device=m.device)
                     batch.keep(index)
-                    tokens = tokens[index]
+                    tokens, prompt_of, last_weights = tokens[index], prompt_of[index], None
                 if step == options.max_new_tokens - 1:
                     return
                 if stream.cancelled:
@@ -379,17 +386,14 @@ class Engine:
                           panes[pane].weights, reason)
 
     @torch.inference_mode()
-    def _choose(self, base_lp, arm_lp, weights, options, generators, prompt_of, eos):
+    def _choose(self, base_lp, arm_lp, w, options, generators, prompt_of, eos):
         """Fuses, samples and packs what the host needs into one tensor (one sync)."""
-        device = base_lp.device
-        w = torch.tensor([[ws[n] for n in self.arm_names] for ws in weights], device=device)
-        score = fusion.fuse(base_lp, arm_lp.to(device), w, options.normalised)
+        score = fusion.fuse(base_lp, arm_lp, w, options.normalised)
         logits = fusion.sampling_logits(score, options.temperature, options.top_k, options.top_p)
         noise = None
         if options.temperature > 0:
             V = score.shape[-1]
-            draws = torch.stack([fusion.gumbel_noise(g, (V,), "cpu") for g in generators])
-            noise = draws[torch.tensor(prompt_of)].to(device)
+            noise = torch.stack([fusion.gumbel_noise(g, (V,)) for g in generators])[prompt_of]
         tokens = fusion.choose(logits, options.temperature, noise)
         pick = tokens[:, None]
         fused_lp = score.gather(-1, pick) - torch.logsumexp(score, -1, keepdim=True)

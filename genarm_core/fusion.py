@@ -61,12 +61,12 @@ def sampling_logits(score: torch.Tensor, temperature: float, top_k: int = 0,
     return truncate(score, top_k, top_p)
 
 
-def gumbel_noise(generator: torch.Generator, shape, device) -> torch.Tensor:
-    """Gumbel(0, 1) noise from a seeded generator, drawn on the CPU so that a seed gives the
-    same draws on every device. argmax(logits + noise) is a sample of softmax(logits)."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+def gumbel_noise(generator: torch.Generator, shape) -> torch.Tensor:
+    """Gumbel(0, 1) noise drawn on the generator's device (no host-device copy per token).
+    argmax(logits + noise) is a sample of softmax(logits)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device)
     u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
-    return (-torch.log(-torch.log(u))).float().to(device)
+    return (-torch.log(-torch.log(u))).float()
 
 
 def choose(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""Trade-off evaluation: generate on held-out prompts across a grid of ARM weights and several
+seeds, judge every answer, and summarise each setting (judge means with their spread across
+seeds, refusal rates, each ARM's trajectory reward). All grid points of one prompt decode as
+panes of one batch with shared random draws, so settings differ only by their weights."""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+from .engine import Engine, SamplingOptions
+
+
+def weight_grid(names: list[str], values: list[float]) -> list[dict[str, float]]:
+    return [dict(zip(names, combo)) for combo in itertools.product(values, repeat=len(names))]
+
+
+def read_prompts(path) -> list[dict]:
+    """JSONL with {"prompt", "family": "benign"|"harmful", "category"}."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("prompt"), str) or row.get("family") not in ("benign", "harmful"):
+            raise ValueError(f"{path}:{n}: expected 'prompt' (string) and 'family' (benign or harmful)")
+    return rows
+
+
+def run_grid(engine: Engine, prompts: list[dict], grid: list[dict], seeds: list[int],
+             options: SamplingOptions, prompts_per_batch: int = 4, progress=print) -> list[dict]:
+    """One record per (prompt, seed, setting): the answer, its judge scores and ARM rewards."""
+    from .judges import score_batch
+
+    records = []
+    start = time.time()
+    for seed in seeds:
+        opts = SamplingOptions(**{**options.__dict__, "seed": seed})
+        for i in range(0, len(prompts), prompts_per_batch):
+            chunk = prompts[i:i + prompts_per_batch]
+            results = engine.generate([p["prompt"] for p in chunk], grid, opts)
+            flat = [(p, w, c) for p, row in zip(chunk, results) for w, c in zip(grid, row)]
+            judged = score_batch([p["prompt"] for p, _, _ in flat], [c.text for _, _, c in flat],
+                                 [p["family"] == "harmful" for p, _, _ in flat])
+            for (p, w, c), j in zip(flat, judged):
+                records.append({"prompt": p["prompt"], "family": p["family"], "category": p.get("category", ""),
+                                "seed": seed, "weights": w, "text": c.text, "tokens": len(c.token_ids),
+                                "rewards": c.rewards(engine.models.betas), **j})
+            progress(f"seed {seed}: {min(i + prompts_per_batch, len(prompts))}/{len(prompts)} prompts "
+                     f"({time.time() - start:.0f} s)")
+    return records
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
+    """Per setting: each metric's mean over prompts and seeds, and the std of the per-seed means."""
+    seeds = sorted({r["seed"] for r in records})
+    out = []
+    for w in grid:
+        rows = [r for r in records if r["weights"] == w]
+        metrics = {
+            "helpfulness": lambda rs: _mean([r["helpfulness"] for r in rs]),
+            "harmlessness": lambda rs: _mean([r["harmlessness"] for r in rs]),
+            "helpfulness_benign": lambda rs: _mean([r["helpfulness"] for r in rs if r["family"] == "benign"]),
+            "harmlessness_harmful": lambda rs: _mean([r["harmlessness"] for r in rs if r["family"] == "harmful"]),
+            "refusal_harmful": lambda rs: _mean([float(r["refusal"]) for r in rs if r["family"] == "harmful"]),
+            "refusal_benign": lambda rs: _mean([float(r["refusal"]) for r in rs if r["family"] == "benign"]),
+            "tokens": lambda rs: _mean([r["tokens"] for r in rs]),
+        }
+        for name in w:
+            metrics[f"reward_{name}"] = lambda rs, n=name: _mean([r["rewards"][n] for r in rs])
+        summary = {"weights": w, "n": len(rows)}
+        for key, fn in metrics.items():
+            per_seed = [fn([r for r in rows if r["seed"] == s]) for s in seeds]
+            summary[key] = fn(rows)
+            summary[f"{key}_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def plot(summary: list[dict], path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for s in summary:
+        w = s["weights"]
+        label = ", ".join(f"{k[:4]}={v:g}" for k, v in w.items())
+        base = all(v == 0 for v in w.values())
+        ax.errorbar(s["helpfulness"], s["harmlessness"], xerr=s["helpfulness_std"], yerr=s["harmlessness_std"],
+                    fmt="*" if base else "o", ms=12 if base else 6, capsize=2,
+                    color="black" if base else None)
+        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("helpfulness judge (mean over held-out prompts)")
+    ax.set_ylabel("harmlessness judge (mean)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_table(summary: list[dict]) -> str:
+    names = list(summary[0]["weights"])
+    head = "| " + " | ".join(names) + " | helpfulness | harmlessness | refusals (harmful) | refusals (benign) |"
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for s in summary:
+        ws = " | ".join(f"{s['weights'][n]:g}" for n in names)
+        lines.append(f"| {ws} | {s['helpfulness']:.3f} ± {s['helpfulness_std']:.3f} | "
+                     f"{s['harmlessness']:.3f} ± {s['harmlessness_std']:.3f} | "
+                     f"{100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Measures the helpfulness / harmlessness trade-off of the default profile's ARMs on the
+held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a table.
+
+    .venv/bin/python scripts/evaluate_tradeoff.py [--values 0 2 4] [--seeds 0 1] [--limit N]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from genarm_core.engine import Engine, SamplingOptions  # noqa: E402
+from genarm_core.evaluate import markdown_table, plot, read_prompts, run_grid, summarise, weight_grid  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile")
+    ap.add_argument("--prompts", default=str(ROOT / "space_assets/data/prompts_heldout.jsonl"))
+    ap.add_argument("--values", type=float, nargs="+", default=[0.0, 2.0, 4.0], help="weights per ARM (grid)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--limit", type=int, help="at most this many prompts per family")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--out", default=str(ROOT / "space_assets"))
+    args = ap.parse_args()
+
+    engine = Engine.from_profile(args.profile)
+    if not engine.arm_names:
+        sys.exit("error: the profile has no ARMs to evaluate")
+    prompts = read_prompts(args.prompts)
+    if args.limit:
+        prompts = [p for fam in ("benign", "harmful") for p in [q for q in prompts if q["family"] == fam][:args.limit]]
+    grid = weight_grid(engine.arm_names, args.values)
+    options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    start = time.time()
+    records = run_grid(engine, prompts, grid, args.seeds, options,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = summarise(records, grid)
+    out = Path(args.out)
+    meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": args.values,
+            "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
+            "betas": engine.models.betas}
+    (out / "tradeoff.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
+    (out / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot(summary, out / "tradeoff.png",
+         f"{engine.profile.name}: {len(prompts)} held-out prompts x {len(args.seeds)} seeds")
+    print(markdown_table(summary))
+    print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

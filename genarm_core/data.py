@@ -170,7 +170,8 @@ def read_hh(path) -> list[PreferencePair]:
 
 def read_pku(path, label: str) -> list[PreferencePair]:
     if label not in PKU_LABELS:
-        raise DataError(f"{path}: PKU-SafeRLHF needs a label: one of {', '.join(PKU_LABELS)}, got {label!r}")
+        raise DataError(f"{path}: PKU-SafeRLHF data needs a label (--pku-label, or an objective named "
+                        f"{' or '.join(PKU_LABELS)}), got {label!r}")
     key = PKU_LABELS[label]
     pairs = []
     for n, r in _records(path):

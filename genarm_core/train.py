@@ -189,8 +189,9 @@ def evaluate(model, pairs: list[EncodedPair], c: TrainConfig, pad_id: int, vocab
 
 
 # ---- data ------------------------------------------------------------------------------------
-def load_data(c: TrainConfig, tokenizer, eos: int | None, chat_template: bool, system_prompt):
-    """Train and held-out pairs, encoded, plus a description of what was read."""
+def read_data(c: TrainConfig) -> tuple[list, list, dict]:
+    """Reads and validates the train and held-out files (before any model is loaded, so that bad
+    data fails fast); returns the pairs and a description of the files."""
     label = c.pku_label or (c.objective if c.objective in PKU_LABELS else None)
     info = {"files": [], "eval_files": []}
 
@@ -202,24 +203,30 @@ def load_data(c: TrainConfig, tokenizer, eos: int | None, chat_template: bool, s
                                "layout": layout, "records": len(got),
                                **({"pku_label": label} if layout == "pku" else {})})
             pairs += got
-        return encode_pairs(pairs, tokenizer, eos, c.max_length, c.overlong, chat_template, system_prompt)
+        return pairs
 
-    train, stats = read(c.data, "files")
+    return read(c.data, "files"), read(c.eval_data, "eval_files"), info
+
+
+def encode_data(c: TrainConfig, train, held, info, tokenizer, eos, chat_template, system_prompt):
+    """Token ids of the train and held-out pairs (held out from train when no eval files)."""
+    encode = lambda pairs: encode_pairs(pairs, tokenizer, eos, c.max_length, c.overlong,  # noqa: E731
+                                        chat_template, system_prompt)
+    train, stats = encode(train)
     info["train"] = stats.as_dict()
     if c.eval_data:
-        held, eval_stats = read(c.eval_data, "eval_files")
+        held, eval_stats = encode(held)
         info["eval"] = eval_stats.as_dict()
     else:
         random.Random(c.seed).shuffle(train)
-        n_eval = round(c.eval_fraction * len(train)) if c.eval_fraction > 0 and len(train) > 1 else 0
-        n_eval = max(n_eval, 1) if c.eval_fraction > 0 and len(train) > 1 else 0
+        n_eval = max(round(c.eval_fraction * len(train)), 1) if c.eval_fraction > 0 and len(train) > 1 else 0
         held, train = train[:n_eval], train[n_eval:]
         info["eval"] = {"pairs": len(held), "held_out_fraction": c.eval_fraction}
     info["train_pairs"], info["eval_pairs"] = len(train), len(held)
     info["skipped"] = info["train"]["skipped_too_long"] + info["eval"].get("skipped_too_long", 0)
     if not train:
-        raise DataError(f"{', '.join(c.data)}: no training pairs left (read {info['files']}, "
-                        f"skipped: {info['train']})")
+        raise DataError(f"{', '.join(c.data)}: no training pairs left after encoding "
+                        f"(max_length {c.max_length}, overlong={c.overlong}: {info['train']})")
     return train, held, info
 
 
@@ -272,10 +279,11 @@ def train_arm(c: TrainConfig) -> dict:
     main = accelerator.is_main_process
     set_seed(c.seed)
 
+    train, held, data_info = read_data(c)
     tokenizer, model = load_base(source)
     vocab, pad = len(tokenizer), tokenizer.pad_token_id
     eos = eos_id(model, tokenizer)
-    train, held, data_info = load_data(c, tokenizer, eos, chat_template, system_prompt)
+    train, held, data_info = encode_data(c, train, held, data_info, tokenizer, eos, chat_template, system_prompt)
 
     model = add_lora(model, c)
     model.train()
@@ -297,7 +305,8 @@ def train_arm(c: TrainConfig) -> dict:
         (out / METRICS_LOG).unlink(missing_ok=True)
     log = MetricsLog(out / METRICS_LOG if main else None)
     log.write({"event": "start", "objective": c.objective, "base_model": source.describe(),
-               "train_pairs": len(train), "eval_pairs": len(held), "optimizer_steps": total_steps,
+               "train_pairs": len(train), "eval_pairs": len(held), "skipped": data_info["skipped"],
+               "optimizer_steps": total_steps,
                "processes": world, "mixed_precision": mixed, "device": str(accelerator.device)})
 
     history = []
@@ -333,11 +342,11 @@ def train_arm(c: TrainConfig) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            train_seconds += time.perf_counter() - t0
-            pairs_seen += len(idx) * world
-            window["loss"] += float(loss.detach()) * len(idx)
+            window["loss"] += float(loss.detach()) * len(idx)  # a host sync: the step is done
             window["correct"] += float((logp_w > logp_l).sum().detach())
             window["pairs"] += len(idx)
+            train_seconds += time.perf_counter() - t0
+            pairs_seen += len(idx) * world
             if not last:
                 continue
             step += 1
@@ -365,6 +374,7 @@ def train_arm(c: TrainConfig) -> dict:
         "objective": c.objective, "beta": c.beta, "gamma": c.gamma, "length_normalise": c.length_normalise,
         "base_model": source.describe(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "chat_template": chat_template, "system_prompt": system_prompt, "eos_id": eos,
+        "heldout_accuracy": final["accuracy"] if final else None,
         "data": data_info, "eval": final, "eval_initial": initial,
         "hyperparameters": {k: v for k, v in asdict(c).items()
                             if k not in ("data", "eval_data", "output_dir", "progress", "objective")},
@@ -372,7 +382,9 @@ def train_arm(c: TrainConfig) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if main:
-        accelerator.unwrap_model(model).save_pretrained(str(out), safe_serialization=True)
+        # the base weights are frozen: the adapter holds the LoRA matrices only, even with lm_head targeted
+        accelerator.unwrap_model(model).save_pretrained(str(out), safe_serialization=True,
+                                                        save_embedding_layers=False)
         (out / ARM_METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
     log.write({"event": "end", "step": step, "train_seconds": train_seconds,
                "pairs_per_s": pairs_seen / max(train_seconds, 1e-9), "peak_rss_mb": peak_memory_mb()})
@@ -489,8 +501,11 @@ def cmd_train(args):
     values = {k: v for k, v in vars(args).items() if k in fields and k not in ("profile",)}
     config = TrainConfig(config_path=args.config, profile=args.profile, **values)
     result = train_arm(config)
-    ev = result["eval"]
-    summary = f"wrote {result['output_dir']}: {result['steps']} steps, {result['pairs_per_s']:.2f} pairs/s"
+    ev, data = result["eval"], result["metadata"]["data"]
+    summary = (f"wrote {result['output_dir']}: {data['train_pairs']} training pairs "
+               f"({data['skipped']} skipped as over --max-length, {data['train']['truncated']} truncated, "
+               f"{data['train']['skipped_identical']} with identical responses skipped), {result['steps']} steps, "
+               f"{result['pairs_per_s']:.2f} pairs/s")
     if ev:
         summary += f"; held-out accuracy {ev['accuracy']:.3f}, margin {ev['margin']:.4f} ({ev['pairs']} pairs)"
     print(summary, file=sys.stderr)

@@ -1,0 +1,79 @@
+"""ARM training throughput and peak memory on SmolLM2-135M-Instruct (the offline builtin base).
+
+    .venv/bin/python scripts/bench_train.py --pairs 32 --batch-size 4
+
+Trains a LoRA ARM on synthetic preference pairs (no held-out evaluation) and prints pairs/s
+(training steps only, model loading excluded) and the process's peak resident memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+WORDS = ("the a tea water river music cloud train book cat winter game map light green gold stone "
+         "iron quick slow bright dark warm cold good kind fresh old new small large").split()
+
+
+def synthetic_pairs(n: int, words: int, seed: int = 0) -> list[dict]:
+    r = random.Random(seed)
+    sentence = lambda k: " ".join(r.choices(WORDS, k=k)).capitalize() + "."  # noqa: E731
+    return [{"prompt": f"Tell me about {r.choice(WORDS)} and {r.choice(WORDS)}.",
+             "chosen": sentence(words), "rejected": sentence(words)} for _ in range(n)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=32, help="training pairs (one epoch)")
+    p.add_argument("--words", type=int, default=40, help="words per response")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--base-path", help="base model folder (default: the builtin SmolLM2-135M)")
+    args = p.parse_args()
+
+    import torch
+
+    from genarm_core.models import builtin_folder
+    from genarm_core.train import TrainConfig, train_arm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = args.base_path or str(builtin_folder("smollm2-135m-instruct"))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(args.pairs, args.words)))
+        config = TrainConfig(data=[str(data)], objective="bench", output_dir=str(Path(tmp) / "arm"),
+                             base_path=base, eval_fraction=0.0, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
+                             max_length=1024, log_every=1, progress=False)
+        t0 = time.perf_counter()
+        result = train_arm(config)
+        total = time.perf_counter() - t0
+        log = [json.loads(line) for line in (Path(tmp) / "arm" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "train"]
+    print(f"base: {base}")
+    print(f"torch threads: {torch.get_num_threads()}, mixed precision: {args.mixed_precision}, "
+          f"pairs: {result['pairs_seen']}, batch: {args.batch_size} pairs ({2 * args.batch_size} rows), "
+          f"steps: {result['steps']}, ~{args.words}-word responses")
+    print(f"training: {result['train_seconds']:.1f} s, {result['pairs_per_s']:.2f} pairs/s "
+          f"({result['train_seconds'] / max(result['steps'], 1):.2f} s/step); whole run incl. loading {total:.1f} s")
+    print(f"final train loss {steps[-1]['loss']:.4f}" if steps else "no steps")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if torch.cuda.is_available():
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

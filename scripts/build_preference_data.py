@@ -1,0 +1,302 @@
+"""Builds the preference datasets for the helpfulness and harmlessness ARMs.
+
+    .venv/bin/python scripts/build_preference_data.py                  # sample, label, pair
+    .venv/bin/python scripts/build_preference_data.py --reuse-samples  # label and pair only
+
+Steps: read the prompt banks (data/prompts_*.txt), split them by prompt into train and held-out,
+sample SmolLM2-135M-Instruct on every prompt (and, on harmful prompts, once more under a safety
+system prompt to get refusals in the model's own style), add the written responses
+(data/written_responses.json), score everything with genarm_core.judges and form pairs.
+Deterministic given --seed (sampling is seeded per batch; pairing uses seeded RNGs).
+See space_assets/DATA_CARD.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DATA = ROOT / "data"
+OUT = ROOT / "space_assets" / "data"
+HELDOUT_FRACTION = 0.15  # of each category, on top of all role-play prompts
+ROLE_PLAY = re.compile(r"^(pretend|imagine|you are|you're|act as|role-play|roleplay)\b", re.I)
+SAFETY_SYSTEM = ("You are a careful, responsible assistant. If a request could hurt anyone or break "
+                 "the law, politely refuse and suggest a safe alternative or where to get help.")
+
+
+# ---- prompts and split ----------------------------------------------------------------------
+def read_bank(path: Path, family: str) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        category, prompt = (s.strip() for s in line.split("|", 1))
+        rows.append({"prompt": prompt, "family": family, "category": category})
+    return rows
+
+
+def load_prompts() -> list[dict]:
+    rows = read_bank(DATA / "prompts_benign.txt", "benign") + read_bank(DATA / "prompts_harmful.txt", "harmful")
+    seen = Counter(r["prompt"] for r in rows)
+    dup = [p for p, n in seen.items() if n > 1]
+    if dup:
+        raise SystemExit(f"duplicate prompts: {dup}")
+    return rows
+
+
+def split_prompts(rows: list[dict], seed: int) -> None:
+    """Adds "split": every role-play prompt is held out (a phrasing style never trained on),
+    plus a seeded HELDOUT_FRACTION of the other prompts of each category."""
+    by_cat: dict[tuple, list[dict]] = {}
+    for r in rows:
+        r["split"] = "heldout" if ROLE_PLAY.match(r["prompt"]) else "train"
+        if r["split"] == "train":
+            by_cat.setdefault((r["family"], r["category"]), []).append(r)
+    for key in sorted(by_cat):
+        group = by_cat[key]
+        rng = random.Random(f"{seed}/{key[0]}/{key[1]}")
+        for r in rng.sample(group, round(HELDOUT_FRACTION * len(group))):
+            r["split"] = "heldout"
+
+
+# ---- sampling -------------------------------------------------------------------------------
+def load_engine(dtype: str):
+    import torch
+
+    from genarm_core.config import load_config
+    from genarm_core.engine import Engine
+    from genarm_core.models import load_models
+
+    torch.set_num_threads(int(os.environ.get("GENARM_THREADS", "1")))  # 1 thread: fastest on a shared 2-core CPU
+    profile = load_config().profile()
+    return Engine(load_models(replace(profile, dtype=dtype) if dtype != "auto" else profile))
+
+
+def sample_all(rows: list[dict], args) -> list[dict]:
+    """One plain sample per prompt; on harmful prompts one more under SAFETY_SYSTEM. Jobs are
+    sorted by prompt length (less padding) and batched; batch b uses seed args.seed + b."""
+    from genarm_core.engine import SamplingOptions
+
+    engine = load_engine(args.dtype)
+    jobs = [(r, "plain") for r in rows] + [(r, "safety_prompted") for r in rows if r["family"] == "harmful"]
+    jobs.sort(key=lambda j: (j[1], len(j[0]["prompt"]), j[0]["prompt"]))
+    out, t0 = [], time.time()
+    for b in range(0, len(jobs), args.batch):
+        chunk = jobs[b:b + args.batch]
+        prompts = [r["prompt"] if kind == "plain" else
+                   [{"role": "system", "content": SAFETY_SYSTEM}, {"role": "user", "content": r["prompt"]}]
+                   for r, kind in chunk]
+        opts = SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed + b // args.batch)
+        for (r, kind), c in zip(chunk, engine.generate(prompts, {}, opts)):
+            out.append({"prompt": r["prompt"], "family": r["family"], "category": r["category"],
+                        "kind": kind, "text": c.text.strip(), "finish_reason": c.finish_reason})
+        print(f"  sampled {min(b + args.batch, len(jobs))}/{len(jobs)} ({time.time() - t0:.0f} s)", flush=True)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- candidate responses --------------------------------------------------------------------
+MARGIN = {"helpfulness": 0.15, "harmlessness": 0.25}
+MAX_PAIRS = {"train": 1000, "heldout": 200}  # per objective; seeded subsample above this
+BENIGN_OVERREFUSAL_SHARE = 0.4  # share of benign prompts that get one "answer > needless refusal" harmlessness pair
+
+
+def first_sentence(text: str) -> str | None:
+    """The sample's first sentence: an on-policy text with the same style but less substance."""
+    parts = re.split(r"(?<=[^\d][.!?:])\s+", text.strip(), maxsplit=1)
+    if len(parts) < 2 or len(parts[0].split()) < 3 or len(parts[0]) > 0.5 * len(text):
+        return None
+    return parts[0]
+
+
+def trim_to_sentence(text: str, finish_reason: str | None) -> str:
+    """A sample cut off by max_new_tokens ends mid-sentence while written responses never do; trim
+    it to its last full sentence (when that keeps at least half of it) so that "ends abruptly"
+    does not mark the sampled side of a pair."""
+    text = text.strip()
+    if finish_reason != "length":
+        return text
+    ends = [m.end() for m in re.finditer(r"(?<!\d)[.!?](?=\s|$)", text)]
+    return text[:ends[-1]] if ends and ends[-1] >= 0.5 * len(text) else text
+
+
+def candidates(row: dict, samples: dict, written: dict, others: list[str], rng: random.Random) -> dict:
+    """Named responses for one prompt. policy*: SmolLM2's own text; written*: data/written_responses.json."""
+    plain = samples.get((row["prompt"], "plain"), "")
+    cands = {"policy": plain, "written_refusal": rng.choice(written["refusals"]),
+             "written_terse": rng.choice(written["terse"])}
+    short = first_sentence(plain)
+    if short:
+        cands["policy_truncated"] = short
+    if others:
+        cands["policy_offtopic"] = rng.choice(others)
+    if row["family"] == "harmful":
+        topical = written["redirects"].get(row["category"], [])
+        pool = topical if topical and rng.random() < 0.6 else written["generic_redirects"]
+        cands["written_redirect"] = rng.choice(pool)
+        cands["written_compliance"] = rng.choice(written["compliance_openers"])
+        cands["policy_safety"] = samples.get((row["prompt"], "safety_prompted"), "")
+    else:
+        cands["written_redirect"] = rng.choice(written["generic_redirects"])
+    return {k: v for k, v in cands.items() if v.strip()}
+
+
+# Pair recipes per objective and family: (source A, source B); the judge's scores decide which
+# one is chosen, and the pair is kept only when the scores differ by at least MARGIN.
+RECIPES = {
+    ("helpfulness", "benign"): [("policy", "written_terse"), ("policy", "written_refusal"),
+                                ("policy", "policy_truncated"), ("policy", "policy_offtopic"),
+                                ("policy", "written_redirect")],
+    ("helpfulness", "harmful"): [("policy", "written_refusal"), ("policy", "written_redirect"),
+                                 ("policy", "policy_safety"), ("written_compliance", "written_refusal"),
+                                 ("policy", "policy_truncated")],
+    ("harmlessness", "harmful"): [("written_refusal", "policy"), ("written_redirect", "policy"),
+                                  ("policy_safety", "policy"), ("written_redirect", "written_compliance"),
+                                  ("written_refusal", "written_compliance"), ("policy_safety", "written_compliance")],
+    ("harmlessness", "benign"): [("policy", "written_refusal")],
+}
+PER_PROMPT = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 3,
+              ("harmlessness", "harmful"): 5, ("harmlessness", "benign"): 1}
+
+
+def kind(source: str) -> str:
+    return source.split("_")[0]
+
+
+def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: random.Random) -> list[dict]:
+    key = (objective, row["family"])
+    if key == ("harmlessness", "benign"):
+        # Moderate weight: only some benign prompts, and only a clearly good, safe answer.
+        ok = (rng.random() < BENIGN_OVERREFUSAL_SHARE and "policy" in cands
+              and scores["policy"]["helpfulness"] >= 0.5 and not scores["policy"]["refusal"])
+        if not ok:
+            return []
+    out = []
+    for a, b in RECIPES[key]:
+        if a not in cands or b not in cands or cands[a] == cands[b]:
+            continue
+        sa, sb = scores[a][objective], scores[b][objective]
+        if abs(sa - sb) < MARGIN[objective]:
+            continue
+        (c, sc), (r, sr) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
+        out.append({"prompt": row["prompt"], "chosen": cands[c], "rejected": cands[r], "family": row["family"],
+                    "category": row["category"], "pair_type": f"{kind(c)}_vs_{kind(r)}",
+                    "chosen_source": c, "rejected_source": r, "score_chosen": sc, "score_rejected": sr})
+    rng.shuffle(out)
+    return out[:PER_PROMPT[key]]
+
+
+def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
+    from genarm_core.judges import score_batch
+
+    written = json.loads((DATA / "written_responses.json").read_text())
+    samples = {(s["prompt"], s["kind"]): trim_to_sentence(s["text"], s["finish_reason"]) for s in samples_list}
+    plain_by = {}  # (family, split) -> plain samples, for off-topic negatives
+    for r in rows:
+        plain_by.setdefault((r["family"], r["split"]), []).append(samples.get((r["prompt"], "plain"), ""))
+    all_cands = []
+    for r in rows:
+        rng = random.Random(f"{seed}/cands/{r['prompt']}")
+        others = [t for t in plain_by[(r["family"], r["split"])]
+                  if t.strip() and t != samples.get((r["prompt"], "plain"))]
+        all_cands.append(candidates(r, samples, written, others, rng))
+    flat = [(i, k, t) for i, c in enumerate(all_cands) for k, t in c.items()]
+    judged = score_batch([rows[i]["prompt"] for i, _, _ in flat], [t for _, _, t in flat],
+                         [rows[i]["family"] == "harmful" for i, _, _ in flat])
+    scores = [{} for _ in rows]
+    for (i, k, _), s in zip(flat, judged):
+        scores[i][k] = s
+    pairs = {}
+    for objective in ("helpfulness", "harmlessness"):
+        for split in ("train", "heldout"):
+            out = []
+            for r, c, s in zip(rows, all_cands, scores):
+                if r["split"] == split:
+                    out += prompt_pairs(objective, r, c, s, random.Random(f"{seed}/{objective}/{r['prompt']}"))
+            if len(out) > MAX_PAIRS[split]:
+                keep = set(random.Random(f"{seed}/{objective}/{split}").sample(range(len(out)), MAX_PAIRS[split]))
+                out = [p for j, p in enumerate(out) if j in keep]
+            pairs[(objective, split)] = out
+    return pairs, scores, all_cands
+
+
+def print_counts(rows, samples_list, pairs, scores, all_cands):
+    print("prompts:", dict(Counter((r["family"], r["split"]) for r in rows)))
+    refusal_rate = Counter()
+    for r, s in zip(rows, scores):
+        for k in ("policy", "policy_safety"):
+            if k in s:
+                refusal_rate[(r["family"], k, s[k]["refusal"])] += 1
+    print("SmolLM2 refusals (family, sample kind, is_refusal):", dict(sorted(refusal_rate.items())))
+    for (objective, split), ps in pairs.items():
+        print(f"{objective:12s} {split:7s} {len(ps):5d} pairs  by family {dict(Counter(p['family'] for p in ps))}"
+              f"  by type {dict(Counter(p['pair_type'] for p in ps))}")
+
+
+def build_pairs_and_write(rows, samples_list, seed):
+    pairs, scores, all_cands = build_pairs(rows, samples_list, seed)
+    for (objective, split), ps in pairs.items():
+        write_jsonl(OUT / f"{objective}_{split}.jsonl", ps)
+    write_jsonl(OUT / "prompts_heldout.jsonl", [{"prompt": r["prompt"], "family": r["family"],
+                                                "category": r["category"]} for r in rows if r["split"] == "heldout"])
+    write_jsonl(OUT / "prompts_train.jsonl", [{"prompt": r["prompt"], "family": r["family"],
+                                              "category": r["category"]} for r in rows if r["split"] == "train"])
+    print_counts(rows, samples_list, pairs, scores, all_cands)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--reuse-samples", action="store_true", help="read space_assets/data/samples.jsonl")
+    p.add_argument("--sample-only", action="store_true", help="sample and stop")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 is ~1.5x faster than float32 on CPU")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = load_prompts()
+    split_prompts(rows, args.seed)
+    samples_path = OUT / "samples.jsonl"
+    if args.reuse_samples:
+        samples = read_jsonl(samples_path)
+    else:
+        print(f"sampling {len(rows)} prompts ...", flush=True)
+        samples = sample_all(rows, args)
+        write_jsonl(samples_path, samples)
+    print(f"samples: {len(samples)} ({time.time() - t0:.0f} s)")
+    if args.sample_only:
+        return
+    build_pairs_and_write(rows, samples, args.seed)
+    print(f"total run time: {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

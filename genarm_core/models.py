@@ -89,7 +89,7 @@ def builtin_folder(name: str) -> Path:
     return target
 
 
-def _from_source(source: ModelSource, what: str, device: str, dtype: torch.dtype):
+def load_source(source: ModelSource, what: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -121,6 +121,15 @@ def _from_source(source: ModelSource, what: str, device: str, dtype: torch.dtype
         model.to(device)
     model.eval()
     return tokenizer, model
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the generation config's and the tokenizer's EOS. The first
+    ends every response in training and scoring (prompts.response_ids)."""
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+           *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    return sorted(ids)
 
 
 def read_arm_metadata(adapter_dir: str) -> dict:
@@ -192,7 +201,7 @@ def _load_lora(backbone, arm: ArmSpec, base_fp: str, base_desc: str):
 def load_models(profile: Profile) -> LoadedModels:
     device, dtype = resolve_device_dtype(profile.device, profile.dtype)
     base_desc = profile.base.describe()
-    tokenizer, backbone = _from_source(profile.base, f"profile '{profile.name}' base", device, dtype)
+    tokenizer, backbone = load_source(profile.base, f"profile '{profile.name}' base", device, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     base_fp = tokenizer_fingerprint(tokenizer)
@@ -203,7 +212,7 @@ def load_models(profile: Profile) -> LoadedModels:
             backbone, meta = _load_lora(backbone, arm, base_fp, base_desc)
             lora.append(arm.name)
         else:
-            arm_tok, model = _from_source(arm.model, f"ARM '{arm.name}'", device, dtype)
+            arm_tok, model = load_source(arm.model, f"ARM '{arm.name}'", device, dtype)
             _check_tokenizer(arm, arm_tok, base_fp, base_desc)
             standalone[arm.name] = model
             meta = {}
@@ -214,14 +223,11 @@ def load_models(profile: Profile) -> LoadedModels:
             raise ModelLoadError(f"{name}: the model's output has {model.config.get_text_config().vocab_size} "
                                  f"logits but the tokenizer has {vocab} tokens")
     backbone.eval()
-    eos = backbone.generation_config.eos_token_id if backbone.generation_config else None
-    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     context = getattr(backbone.config.get_text_config(), "max_position_embeddings", None) or 2048
     for model in standalone.values():
         context = min(context, getattr(model.config.get_text_config(), "max_position_embeddings", context))
     input_device = next(backbone.parameters()).device
     return LoadedModels(profile=profile, tokenizer=tokenizer, backbone=backbone, lora_arms=lora,
                         standalone=standalone, betas=betas, device=input_device, vocab_size=vocab,
-                        context_length=context, eos_ids=eos_ids, fingerprint=base_fp,
+                        context_length=context, eos_ids=eos_ids(backbone, tokenizer), fingerprint=base_fp,
                         arm_metadata=metadata)

@@ -27,7 +27,7 @@ from .cli import CliError
 from .config import ModelSource, load_config
 from .data import (LAYOUTS, PKU_LABELS, DataError, EncodedPair, collate, encode_pairs, file_sha256,
                    length_batches, read_pairs)
-from .models import ARM_METADATA, _from_source, tokenizer_fingerprint
+from .models import ARM_METADATA, eos_ids, load_source, tokenizer_fingerprint
 
 METRICS_LOG = "train_log.jsonl"
 
@@ -117,19 +117,16 @@ def check_config(c: TrainConfig):
 # ---- the model -------------------------------------------------------------------------------
 def load_base(source: ModelSource, what: str = "base"):
     """The base model and tokenizer for training: float32 on the CPU (accelerate moves it)."""
-    tokenizer, model = _from_source(source, what, "cpu", torch.float32)
+    tokenizer, model = load_source(source, what, "cpu", torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
 
 
 def eos_id(model, tokenizer) -> int | None:
-    """The EOS that ends every training response: the first of the ids the engine stops on
-    (models.load_models: the generation config's and the tokenizer's), as Engine.score uses."""
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-           *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
-    return min(ids) if ids else None
+    """The EOS that ends every training response, as Engine.score uses."""
+    ids = eos_ids(model, tokenizer)
+    return ids[0] if ids else None
 
 
 def add_lora(model, c: TrainConfig):
@@ -199,7 +196,7 @@ def read_data(c: TrainConfig) -> tuple[list, list, dict]:
         pairs = []
         for path in paths:
             got, layout = read_pairs(path, c.layout, label)
-            info[kind].append({"path": str(Path(path).resolve()), "sha256": file_sha256(path),
+            info[kind].append({"path": str(path), "sha256": file_sha256(path),
                                "layout": layout, "records": len(got),
                                **({"pku_label": label} if layout == "pku" else {})})
             pairs += got

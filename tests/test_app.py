@@ -1,0 +1,208 @@
+"""The Gradio demo, launched on the tiny engine and driven through gradio_client."""
+import html
+import re
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from conftest import engine_for
+from genarm_core import SamplingOptions
+
+import app
+
+PROMPT = "Tell me about tea."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(demo):
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True)
+    return url
+
+
+def pane_text(pane_html: str) -> str:
+    text = re.sub(r'<span style="color:#888"> \[stopped\]</span>', "", pane_html)
+    return html.unescape(re.sub(r"<[^>]+>", "", text))
+
+
+def args(engine, prompt=PROMPT, wa=None, wb=None, compare=False, temperature=0.0, max_new=16, seed=0,
+         normalised=False):
+    """Positional inputs of the generate/steer endpoints (the session State is not an input)."""
+    names = engine.arm_names
+    wa = [wa.get(n, 0.0) for n in names] if wa else [1.0] * len(names)
+    wb = [wb.get(n, 0.0) for n in names] if wb else [0.0] * len(names)
+    return (engine.profile.name, prompt, compare, temperature, 0.9, max_new, seed, normalised, *wa, *wb)
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    from gradio_client import Client
+
+    demo = app.build_demo(engine)
+    url = launch(demo)
+    yield demo, url, lambda: Client(url, verbose=False)
+    demo.close()
+
+
+def expected(engine, prompt, weights_list, max_new=16, seed=0):
+    opts = SamplingOptions(temperature=0.0, top_p=0.9, max_new_tokens=max_new, seed=seed)
+    return [c.text for c in engine.generate(prompt, weights_list, opts)]
+
+
+def test_stream_yields_partial_text_then_the_engine_result(served, engine):
+    _, _, client = served
+    w = {"help": 2.0, "harm": -1.0, "small": 0.5}
+    job = client().submit(*args(engine, wa=w, max_new=24), api_name="/generate")
+    outputs = list(job)
+    final = job.result()
+    base, steered = pane_text(final[0]), pane_text(final[1])
+    assert (base, steered) == tuple(expected(engine, PROMPT, [{}, w], max_new=24))
+    partial = [pane_text(o[1]) for o in outputs if "Generating" in o[6]]
+    assert any(0 < len(p) < len(steered) and steered.startswith(p) for p in partial)
+    assert "Done" in final[6] and "24 tokens" in final[4] and "tok/s" in final[4]
+    assert "reward help" in final[4] and "first token" in final[4]
+    assert 'title="' in final[1] and "help: w 2 × log p" in html.unescape(final[1])
+
+
+def test_cancel_stops_the_stream_and_frees_it(served, engine):
+    demo, _, client = served
+    job = client().submit(*args(engine, max_new=200), api_name="/generate")
+    while not job.outputs():
+        time.sleep(0.01)
+    job.cancel()
+    deadline = time.time() + 5
+    while demo.genarm_active_streams and time.time() < deadline:
+        time.sleep(0.05)
+    assert not demo.genarm_active_streams  # the server closed the generator and freed the stream
+    time.sleep(0.5)
+    last = [o for o in job.outputs() if o[4]][-1]
+    assert int(last[4].split()[0]) < 200  # the steered pane stopped early
+
+
+def test_stop_button_ends_the_run_with_a_stopped_status(served, engine):
+    _, _, client = served
+    c = client()
+    job = c.submit(*args(engine, max_new=200), api_name="/generate")
+    while len(job.outputs()) < 3:
+        time.sleep(0.01)
+    c.predict(api_name="/stop")
+    final = job.result(timeout=30)
+    assert "Stopped" in final[6] and "stopped" in final[4]
+    assert 0 < len(pane_text(final[1])) and int(final[4].split()[0]) < 200
+
+
+def test_four_clients_at_once_each_get_their_own_result(served, engine):
+    _, _, client = served
+    cases = [("Tell me about tea.", {"help": 1.0}), ("How do I fix a bike?", {"harm": 2.0}),
+             ("Write a poem about rain.", {"help": -1.0, "small": 1.5}), ("Tell me about tea.", {"small": 3.0})]
+    results = [None] * 4
+
+    def run(i):
+        prompt, w = cases[i]
+        results[i] = client().predict(*args(engine, prompt=prompt, wa=w, max_new=12), api_name="/generate")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for (prompt, w), out in zip(cases, results):
+        assert [pane_text(out[0]), pane_text(out[1])] == expected(engine, prompt, [{}, w], max_new=12)
+
+
+def test_compare_mode_and_steer_restart(served, engine):
+    _, _, client = served
+    c = client()
+    wa, wb = {"help": 1.0}, {"harm": 3.0}
+    out = c.predict(*args(engine, wa=wa, wb=wb, compare=True), api_name="/generate")
+    assert [pane_text(h) for h in out[:3]] == expected(engine, PROMPT, [{}, wa, wb])
+    # a slider release restarts the steered panes only; the finished base pane is kept
+    w2 = {"help": 3.0, "small": -1.0}
+    out2 = c.predict(*args(engine, wa=w2, wb=wb, compare=True), api_name="/steer")
+    assert out2[0] == out[0]
+    assert [pane_text(h) for h in out2[1:3]] == expected(engine, PROMPT, [w2, wb])
+
+
+def test_live_weights_apply_mid_stream(served, engine):
+    _, _, client = served
+    c = client()
+    zero = {"help": 0.0}
+    job = c.submit(*args(engine, wa=zero, max_new=200), api_name="/generate")
+    while len(job.outputs()) < 3:
+        time.sleep(0.01)
+    live_args = (True, engine.profile.name, False, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    c.predict(*live_args, api_name="/live_weights")
+    n = len(job.outputs())
+    while len(job.outputs()) < n + 3 and not job.done():
+        time.sleep(0.01)
+    c.predict(api_name="/stop")
+    final = job.result(timeout=60)
+    titles = html.unescape(final[1])
+    assert "help: w 0 × log p" in titles and "help: w 4 × log p" in titles
+    assert titles.index("help: w 0 ×") < titles.index("help: w 4 ×")
+
+
+def test_bad_requests_give_clear_messages(served, engine):
+    _, _, client = served
+    c = client()
+    out = c.predict(*args(engine, prompt="   "), api_name="/generate")
+    assert "prompt is empty" in out[6] and "Traceback" not in out[6]
+    out = c.predict(*args(engine, prompt="tea " * 400), api_name="/generate")
+    assert "exceeds the model's context" in out[6] and "Traceback" not in out[6]
+
+
+def test_sweep_streams_points(served, engine):
+    _, _, client = served
+    job = client().submit(engine.profile.name, PROMPT, 0.0, 0.9, 6, 0, False, 2, api_name="/sweep")
+    outputs = list(job)
+    assert "4 weight settings" in job.result()[1]
+    assert any("Sweeping: " in o[1] for o in outputs)
+
+
+def banner_text(demo) -> str:
+    return "\n".join(str(b.value) for b in demo.blocks.values() if type(b).__name__ == "Markdown")
+
+
+def test_profile_without_arms_runs_base_only(tiny):
+    demo = app.build_demo(engine_for(tiny["root"] / "base", []))
+    assert "no reward models" in banner_text(demo)
+
+
+def test_missing_adapters_and_unloadable_profiles_give_messages(tiny, tmp_path):
+    config = {"default_profile": "tiny", "profiles": {
+        "tiny": {"base": {"path": str(tiny["root"] / "base")}, "device": "cpu", "dtype": "float32",
+                 "arms": [{"name": "help", "adapter": str(tmp_path / "missing_adapter"), "beta": 0.5}]},
+        "hubonly": {"base": {"hub": "genarm-test/does-not-exist"}, "device": "cpu", "dtype": "float32"}}}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    demo = app.build_demo(config_path=path)
+    assert "base model only" in banner_text(demo) and "missing_adapter" in banner_text(demo)
+    engine, note = demo.genarm_engines.get("hubonly")
+    assert engine is None and "cannot be loaded" in note and "Traceback" not in note
+
+    from gradio_client import Client
+
+    url = launch(demo)
+    try:
+        c = Client(url, verbose=False)
+        out = c.predict("tiny", PROMPT, False, 0.0, 0.9, 4, 0, False, 1.0, 0.0, api_name="/generate")
+        assert "Done" in out[6] and pane_text(out[0]) == pane_text(out[1])  # base only: equal panes
+        out = c.predict("hubonly", PROMPT, False, 0.0, 0.9, 4, 0, False, 1.0, 0.0, api_name="/generate")
+        assert "cannot be loaded" in out[6]
+    finally:
+        demo.close()
+
+
+def test_broken_config_starts_with_a_message(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("profiles: [1, 2]\n")
+    demo = app.build_demo(config_path=path)
+    assert "models.yaml cannot be read" in banner_text(demo)

@@ -1,0 +1,79 @@
+"""The demo in a real browser (Debian's chromium driven by playwright), on the tiny engine."""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import app
+from conftest import engine_for
+from test_app import launch
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "space_assets" / "screenshot.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason=f"{CHROMIUM} is missing: install it with `bash setup.sh --browser`")]
+
+
+def pane_text(page, key):
+    return page.locator(f"#pane-{key} .genarm-tokens").inner_text()
+
+
+def wait_done(page, timeout=60):
+    """Until the steered pane's numbers say it finished (status "Done.")."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = page.locator("#stats-a").inner_text()
+        if ("finished" in stats or "hit max tokens" in stats) and "Done." in page.locator("#status").inner_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError("the generation did not finish")
+
+
+def test_page_generates_and_a_slider_drag_regenerates(tiny, arms_spec):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+    demo = app.build_demo(engine_for(tiny["root"] / "base", arms_spec, defaults={"max_new_tokens": 48}))
+    url = launch(demo)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url, wait_until="load")
+            page.get_by_role("button", name="Generate", exact=True).wait_for(timeout=30000)
+            box = page.get_by_label("Prompt")
+            box.fill("How do I make a simple tomato pasta sauce?")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.wait_for_function("document.querySelector('#pane-a .genarm-tokens span') !== null")
+            wait_done(page)
+            base, steered = pane_text(page, "base"), pane_text(page, "a")
+            assert base and steered
+            assert page.locator("#pane-a .genarm-tokens span[title]").count() > 0
+
+            # drag the first weight slider with the mouse; its release restarts the steered pane
+            slider = page.locator(".genarm-w-a input[data-testid='range-input']").first
+            bb = slider.bounding_box()
+            y = bb["y"] + bb["height"] / 2
+            value = float(slider.input_value())
+            lo, hi = float(slider.get_attribute("min")), float(slider.get_attribute("max"))
+            x0 = bb["x"] + bb["width"] * (value - lo) / (hi - lo)
+            page.evaluate("document.body.dataset.before = document.querySelector('#pane-a').innerText")
+            page.mouse.move(x0, y)
+            page.mouse.down()
+            page.mouse.move(bb["x"] + bb["width"] * 0.95, y, steps=8)
+            page.mouse.up()
+            assert float(slider.input_value()) > value + 1
+            page.wait_for_function("document.querySelector('#pane-a').innerText !== document.body.dataset.before",
+                                   timeout=30000)
+            wait_done(page)
+            assert pane_text(page, "base") == base  # the base pane does not depend on the weights
+            assert pane_text(page, "a") != steered
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            browser.close()
+    finally:
+        demo.close()

@@ -21,6 +21,7 @@ import gradio as gr
 
 from genarm_core import (Completion, ConfigError, Engine, ModelLoadError, Pane, RequestError,
                          SamplingOptions, load_config, load_models)
+from genarm_core.evaluate import markdown_table
 
 ASSETS = Path(__file__).resolve().parent / "space_assets"
 EXAMPLES = [  # benign everyday requests, then harmful ones (where harmlessness should matter)
@@ -237,17 +238,21 @@ def read_profiles(engine: Engine | None, config_path) -> tuple[dict, str, str]:
 
 
 def tradeoff_assets() -> tuple[str | None, str]:
+    """The precomputed trade-off (scripts/evaluate_tradeoff.py): its plot and a table."""
     png, js = ASSETS / "tradeoff.png", ASSETS / "tradeoff.json"
-    text = []
-    if js.exists():
-        try:
-            text.append("```json\n" + json.dumps(json.loads(js.read_text()), indent=1)[:6000] + "\n```")
-        except (OSError, json.JSONDecodeError) as e:
-            text.append(f"`{js.name}` could not be read: {e}")
-    if not png.exists() and not js.exists():
-        text.append("*The precomputed helpfulness/harmlessness results (`space_assets/tradeoff.json` "
-                    "and `tradeoff.png`) are not available yet.* Use the sweep below on your own prompt.")
-    return (str(png) if png.exists() else None), "\n\n".join(text)
+    if not js.exists():
+        return (str(png) if png.exists() else None), (
+            "*The precomputed helpfulness/harmlessness results (`space_assets/tradeoff.json` and "
+            "`tradeoff.png`) are not available yet.* Use the sweep below on your own prompt.")
+    try:
+        data = json.loads(js.read_text())
+        meta = data["meta"]
+        text = (f"Judged on {meta['prompts']} held-out prompts (half benign, half harmful) x "
+                f"{len(meta['seeds'])} seeds, {meta['options']['max_new_tokens']} tokens per answer; "
+                "mean ± spread across seeds.\n\n" + markdown_table(data["summary"]))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        text = f"`{js.name}` could not be read: {e}"
+    return (str(png) if png.exists() else None), text
 
 
 def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:

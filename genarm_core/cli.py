@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -38,19 +37,11 @@ def read_prompts(args) -> list:
         raise CliError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
     if args.prompt is not None:
         return [args.prompt]
+    from .data import jsonl_records
+
     prompts = []
-    try:
-        lines = Path(args.prompts).read_text().splitlines()
-    except OSError as e:
-        raise CliError(f"--prompts {args.prompts}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CliError(f"{args.prompts}:{n}: not valid JSON ({e.msg})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
+    for n, record in jsonl_records(args.prompts, "prompts"):
+        prompt = record.get("prompt")
         if not isinstance(prompt, (str, list)):
             raise CliError(f"{args.prompts}:{n}: expected an object with a 'prompt' string or message list")
         prompts.append(prompt)

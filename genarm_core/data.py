@@ -74,12 +74,12 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def _records(path):
-    """(line number, dict) for each non-blank line."""
+def jsonl_records(path, what: str = "preference data"):
+    """(line number, dict) for each non-blank line of a JSONL file, with errors naming file and line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise DataError(f"{path}: cannot read preference data ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read {what} ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     for n, line in enumerate(lines, 1):
@@ -131,7 +131,7 @@ def _prompt(record, where):
 
 def read_jsonl(path) -> list[PreferencePair]:
     pairs = []
-    for n, r in _records(path):
+    for n, r in jsonl_records(path):
         where = f"{path}:{n}"
         pairs.append(PreferencePair(_prompt(r, where), _string(r, "chosen", where, allow_empty=True),
                                     _string(r, "rejected", where, allow_empty=True), where))
@@ -157,7 +157,7 @@ def split_hh(text: str, where: str, key: str) -> tuple[list[dict], str]:
 
 def read_hh(path) -> list[PreferencePair]:
     pairs = []
-    for n, r in _records(path):
+    for n, r in jsonl_records(path):
         where = f"{path}:{n}"
         conv_w, chosen = split_hh(_string(r, "chosen", where), where, "chosen")
         conv_l, rejected = split_hh(_string(r, "rejected", where), where, "rejected")
@@ -174,7 +174,7 @@ def read_pku(path, label: str) -> list[PreferencePair]:
                         f"{' or '.join(PKU_LABELS)}), got {label!r}")
     key = PKU_LABELS[label]
     pairs = []
-    for n, r in _records(path):
+    for n, r in jsonl_records(path):
         where = f"{path}:{n}"
         prompt = _prompt(r, where)
         responses = [_string(r, "response_0", where, True), _string(r, "response_1", where, True)]
@@ -188,7 +188,7 @@ def read_pku(path, label: str) -> list[PreferencePair]:
 
 
 def detect_layout(path) -> str:
-    for n, r in _records(path):
+    for n, r in jsonl_records(path):
         if "response_0" in r:
             return "pku"
         if "prompt" in r:

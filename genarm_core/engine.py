@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import fusion
-from .config import ConfigError, load_config
+from .config import load_config
 from .detokenize import IncrementalDetokenizer, StopStringFilter
 from .models import LoadedModels, load_models
 from .prompts import prompt_ids, prompt_is_empty, response_ids

@@ -5,10 +5,8 @@ panes of one batch with shared random draws, so settings differ only by their we
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import time
-from pathlib import Path
 
 from .engine import Engine, SamplingOptions
 
@@ -19,10 +17,13 @@ def weight_grid(names: list[str], values: list[float]) -> list[dict[str, float]]
 
 def read_prompts(path) -> list[dict]:
     """JSONL with {"prompt", "family": "benign"|"harmful", "category"}."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for n, row in enumerate(rows, 1):
+    from .data import DataError, jsonl_records
+
+    rows = []
+    for n, row in jsonl_records(path, "prompts"):
         if not isinstance(row.get("prompt"), str) or row.get("family") not in ("benign", "harmful"):
-            raise ValueError(f"{path}:{n}: expected 'prompt' (string) and 'family' (benign or harmful)")
+            raise DataError(f"{path}:{n}: expected 'prompt' (string) and 'family' (benign or harmful)")
+        rows.append(row)
     return rows
 
 

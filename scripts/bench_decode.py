@@ -1,5 +1,6 @@
 """Decoding speed on the default base (SmolLM2-135M-Instruct) with two randomly initialised
-LoRA ARMs: tokens/s and ratios, all measured in one run.
+LoRA ARMs (r=8 on q,k,v,o of every layer), and with the default profile's trained ARMs when it
+has them: tokens/s and ratios, all measured in one run.
 
     .venv/bin/python scripts/bench_decode.py [--tokens 64] [--repeats 3] [--dtype float32 bfloat16]
 """
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from genarm_core.config import parse_config  # noqa: E402
+from genarm_core.config import load_config, parse_config  # noqa: E402
 from genarm_core.engine import Engine, SamplingOptions  # noqa: E402
 from genarm_core.models import builtin_folder, load_models  # noqa: E402
 
@@ -82,7 +83,11 @@ def main():
         base_only = engine(folder, [], dtype)
         guided = engine(folder, lora, dtype)
         sequential = engine(folder, standalone, dtype)
-        for e in (base_only, guided, sequential):
+        shipped_arms = [{"name": a.name, "adapter": a.adapter} for a in load_config().profile().arms if a.adapter]
+        shipped = engine(folder, shipped_arms, dtype) if shipped_arms else None
+        for e in (base_only, guided, sequential, shipped):
+            if e is None:
+                continue
             e.models.eos_ids = []  # always decode the full length, so every run counts the same tokens
         w = {n: 1.0 for n in names}
         ids = torch.tensor([base_only.encode(PROMPT)])
@@ -110,6 +115,9 @@ def main():
             ("official way: 3 models, one forward each", timed(ours(sequential, w, sample), args.repeats)),
             ("ours, 2 ARMs, 2 panes in one batch", timed(ours(guided, w, sample, panes=2), args.repeats)),
         ]
+        if shipped:
+            rows.append((f"ours, the default profile's {len(shipped_arms)} trained ARMs (batched)",
+                         timed(ours(shipped, {a["name"]: 1.0 for a in shipped_arms}, sample), args.repeats)))
         t = dict(rows)
         print(f"\n## {dtype}\n| setting | ms/token | tokens/s |\n|---|---|---|")
         for name, sec in rows:
@@ -120,6 +128,8 @@ def main():
         print(f"| guided 2 ARMs batched / base-only | {t['ours, base + 2 LoRA ARMs, one batched forward'] / base_s:.2f} |")
         print(f"| official way (3 forwards) / base-only | {t['official way: 3 models, one forward each'] / base_s:.2f} |")
         print(f"| 2 panes / 1 pane (2 ARMs) | {t['ours, 2 ARMs, 2 panes in one batch'] / t['ours, base + 2 LoRA ARMs, one batched forward']:.2f} |")
+        if shipped:
+            print(f"| default profile's trained ARMs / base-only | {rows[-1][1] / base_s:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The demo in a real browser (Debian's chromium driven by playwright), on the tiny engine."""
+"""The demo in a real browser (Debian's chromium driven by playwright), on the real default
+profile (SmolLM2-135M-Instruct and the shipped ARMs), so that the screenshot shows the product."""
 import os
 import time
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import pytest
 
 import app
-from conftest import engine_for
+from dataclasses import replace
+
+from genarm_core import Engine, load_config, load_models
 from test_app import launch
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,10 +37,16 @@ def wait_done(page, timeout=60):
     raise AssertionError("the generation did not finish")
 
 
-def test_page_generates_and_a_slider_drag_regenerates(tiny, arms_spec):
+def default_engine(max_new_tokens=40):
+    profile = load_config().profile()
+    assert profile.arms, "the default profile should ship its ARMs"
+    return Engine(load_models(replace(profile, defaults=replace(profile.defaults, max_new_tokens=max_new_tokens))))
+
+
+def test_page_generates_and_a_slider_drag_regenerates():
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
-    demo = app.build_demo(engine_for(tiny["root"] / "base", arms_spec, defaults={"max_new_tokens": 48}))
+    demo = app.build_demo(default_engine())
     url = launch(demo)
     try:
         with sync_playwright() as p:
@@ -46,7 +55,7 @@ def test_page_generates_and_a_slider_drag_regenerates(tiny, arms_spec):
             page.goto(url, wait_until="load")
             page.get_by_role("button", name="Generate", exact=True).wait_for(timeout=30000)
             box = page.get_by_label("Prompt")
-            box.fill("How do I make a simple tomato pasta sauce?")
+            box.fill("How can I get into my neighbour's house when they are away?")
             page.get_by_role("button", name="Generate", exact=True).click()
             page.wait_for_function("document.querySelector('#pane-a .genarm-tokens span') !== null")
             wait_done(page)

@@ -6,8 +6,10 @@
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: in this data the chosen answer is the longer one in 87% of the
 #   helpfulness pairs, and a summed log-prob would first have to overcome length.
-# - Harmlessness (prompt-dependent: decline harmful requests, answer benign ones) needs two
-#   epochs; one gave 58% held-out accuracy.
+# - Harmlessness stops after 45 steps (held-out accuracy 58%): two epochs reached 94% held-out
+#   accuracy but the ARM's own token distribution collapsed (it answered "I I I ..." at weight 1
+#   and declined benign requests at 0.25), while the 45-step ARM declines harmful requests at
+#   weight 2 and still answers benign ones. Preference accuracy is not guidance quality.
 # - Held-out accuracy on a fixed random 120 of the 200 held-out pairs (CPU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +29,5 @@ OMP_NUM_THREADS=1 .venv/bin/python -m genarm_core train --objective helpfulness 
   --max-steps 50 --eval-every 0 --out space_assets/arms/helpfulness "${COMMON[@]}" > space_assets/arms/helpfulness.log 2>&1 &
 OMP_NUM_THREADS=1 .venv/bin/python -m genarm_core train --objective harmlessness --beta 0.5 \
   --data space_assets/data/harmlessness_train.jsonl --eval-data space_assets/data/harmlessness_heldout_sample.jsonl \
-  --epochs 2 --eval-every 50 --out space_assets/arms/harmlessness "${COMMON[@]}" > space_assets/arms/harmlessness.log 2>&1 &
+  --max-steps 45 --eval-every 0 --out space_assets/arms/harmlessness "${COMMON[@]}" > space_assets/arms/harmlessness.log 2>&1 &
 wait

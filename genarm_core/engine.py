@@ -57,7 +57,8 @@ class SamplingOptions:
 
 class Pane:
     """One weight setting. `set_weights` may be called from any thread while a stream runs;
-    the next token uses the new values (the dict is replaced whole, never mutated)."""
+    the next token uses the new values (the dict is replaced whole, never mutated). Validate
+    user input with Engine.check_weights first; ARMs not named have weight 0."""
 
     def __init__(self, weights: dict[str, float], label: str = ""):
         self.weights = dict(weights)
@@ -382,7 +383,7 @@ class Engine:
                     return
                 weights = [panes[seqs[s][1]].weights for s in alive]
                 if weights != last_weights:  # copy weights to the device only when they change
-                    w = torch.tensor([[ws[n] for n in self.arm_names] for ws in weights], device=m.device)
+                    w = torch.tensor([[ws.get(n, 0.0) for n in self.arm_names] for ws in weights], device=m.device)
                     last_weights = weights
                 tokens, host = self._choose(base_lp, arm_lp, w, options, generators, prompt_of, eos)
                 events, finished = [], []

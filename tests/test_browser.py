@@ -78,6 +78,8 @@ def test_page_generates_and_a_slider_drag_regenerates():
             assert float(slider.input_value()) > value + 1
             page.wait_for_function("document.querySelector('#pane-a').innerText !== document.body.dataset.before",
                                    timeout=30000)
+            # the restart is under way (its status is no longer the last run's "Done."), then finishes
+            page.wait_for_function("!document.querySelector('#status').innerText.includes('Done.')", timeout=30000)
             wait_done(page)
             assert pane_text(page, "base") == base  # the base pane does not depend on the weights
             assert pane_text(page, "a") != steered

@@ -95,9 +95,6 @@ def cmd_generate(args):
     weights = parse_weights(args.weight)
     engine = load_engine(args)
     options = sampling_options(args, engine.profile)
-    engine.check_weights(weights, options.normalised)
-    encoded_ok = [engine.encode(p, options.max_new_tokens) for p in prompts]  # fail before any work
-    del encoded_ok
     if len(prompts) == 1 and not args.json:  # stream to the terminal
         for step in engine.stream(prompts[0], [weights], options):
             sys.stdout.write(step[0].text)

@@ -111,6 +111,15 @@ class Completion:
         return {n: betas[n] * sum(lps) for n, lps in self.logprobs_arms.items()}
 
 
+def adapter_rows(lora: list[str], n: int) -> dict:
+    """PEFT's mixed-batch argument for n sequences: the base rows, then each adapter's rows."""
+    return {"adapter_names": [name for name in [BASE_ROW, *lora] for _ in range(n)]} if lora else {}
+
+
+def repeat_rows(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
+    return t.repeat(times, 1) if t is not None else None
+
+
 class _Batch:
     """Decoding state of S sequences (prompt x pane) across the backbone and standalone ARMs.
 
@@ -123,7 +132,7 @@ class _Batch:
         self.lora = models.lora_arms
         self.M = 1 + len(self.lora)
         self.seq_prompt = seq_prompt
-        self.caches = {"backbone": DynamicCache(), **{n: DynamicCache() for n in models.standalone}}
+        self.caches: dict[str, DynamicCache] = {}  # filled by prefill
         lengths = [len(p) for p in prompts]
         self.padded = len(set(lengths)) > 1
         width = max(lengths)
@@ -134,11 +143,6 @@ class _Batch:
         self.seq_index = torch.tensor(seq_prompt, device=dev)
         self.positions = torch.tensor([lengths[p] for p in seq_prompt], device=dev)  # next position per seq
         self.mask = self.prompt_mask[self.seq_index] if self.padded else None  # [S, L]
-
-    def _backbone_names(self, n: int):
-        if not self.lora:
-            return {}
-        return {"adapter_names": [name for name in [BASE_ROW, *self.lora] for _ in range(n)]}
 
     def _forward(self, model, cache, ids, mask, positions, extra):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -175,10 +179,10 @@ class _Batch:
         P, M = self.prompt_ids.shape[0], self.M
         positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         mask = self.prompt_mask if self.padded else None
-        caches = {name: DynamicCache() for name in self.caches}
-        rows = lambda t: t.repeat(M, 1) if t is not None else None  # noqa: E731
-        logits = {"backbone": self._forward(self.m.backbone, caches["backbone"], rows(self.prompt_ids), rows(mask),
-                                            rows(positions), self._backbone_names(P))}
+        caches = {name: DynamicCache() for name in ["backbone", *self.m.standalone]}
+        logits = {"backbone": self._forward(self.m.backbone, caches["backbone"], repeat_rows(self.prompt_ids, M),
+                                            repeat_rows(mask, M), repeat_rows(positions, M),
+                                            adapter_rows(self.lora, P))}
         for name, model in self.m.standalone.items():
             logits[name] = self._forward(model, caches[name], self.prompt_ids, mask, positions, {})
         return caches, logits
@@ -202,9 +206,8 @@ class _Batch:
         positions = self.positions.view(S, 1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(S, 1)], 1)
-        rows = lambda t: t.repeat(M, 1) if t is not None else None  # noqa: E731
-        logits = self._forward(self.m.backbone, self.caches["backbone"], rows(ids), rows(self.mask),
-                               rows(positions), self._backbone_names(S))
+        logits = self._forward(self.m.backbone, self.caches["backbone"], repeat_rows(ids, M),
+                               repeat_rows(self.mask, M), repeat_rows(positions, M), adapter_rows(self.lora, S))
         standalone = [fusion.token_logprobs(self._forward(model, self.caches[name], ids, self.mask,
                                                           positions, {}))
                       for name, model in self.m.standalone.items()]
@@ -472,13 +475,18 @@ class Engine:
         resp = torch.tensor([[0] * n + [1] * (len(s) - n) + [0] * (width - len(s))
                              for s, n in zip(seqs, prompt_lengths)], device=m.device)
         B, M = len(seqs), 1 + len(m.lora_arms)
-        extra = {"adapter_names": [n for n in [BASE_ROW, *m.lora_arms] for _ in range(B)]} if m.lora_arms else {}
+        # logits only from the position before the first response token on (prompts need none)
+        start = max(min(prompt_lengths) - 1, 0)
+        keep = {"logits_to_keep": width - start}
+        ids_kept, resp_kept = ids[:, start:], resp[:, start:]
         with self._lock:
-            logits = m.backbone(input_ids=ids.repeat(M, 1), attention_mask=attn.repeat(M, 1), **extra).logits
-        totals = fusion.sequence_logprob(logits[..., :m.vocab_size], ids.repeat(M, 1), resp.repeat(M, 1)).view(M, B)
+            logits = m.backbone(input_ids=ids.repeat(M, 1), attention_mask=attn.repeat(M, 1),
+                                **keep, **adapter_rows(m.lora_arms, B)).logits
+        totals = fusion.sequence_logprob(logits[..., :m.vocab_size], ids_kept.repeat(M, 1),
+                                         resp_kept.repeat(M, 1)).view(M, B)
         out = {"base": totals[0], **dict(zip(m.lora_arms, totals[1:]))}
         for name, model in m.standalone.items():
-            lg = model(input_ids=ids, attention_mask=attn).logits[..., :m.vocab_size]
-            out[name] = fusion.sequence_logprob(lg, ids, resp).to(totals.device)
+            lg = model(input_ids=ids, attention_mask=attn, **keep).logits[..., :m.vocab_size]
+            out[name] = fusion.sequence_logprob(lg, ids_kept, resp_kept).to(totals.device)
         return out
 

@@ -6,6 +6,7 @@ Decoding (several ARMs):
 Training and scoring:
     logp_r(y | x) = sum over response tokens of log pi_r(y_t | x, y_<t)
     loss          = -log sigmoid(beta * (logp_r(y_w) - logp_r(y_l)) - gamma)
+                    [+ nll_weight * mean token NLL of y_w, optional]
 
 Every function here is pure tensor code, shared by the engine, the training loss, `score`
 and evaluation, and checked by the tests against independent computations.
@@ -94,6 +95,17 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
 
 
 def arm_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, beta: float,
-             gamma: float = 0.0) -> torch.Tensor:
-    """-log sigmoid(beta * (logp_r(y_w) - logp_r(y_l)) - gamma), per pair."""
-    return -F.logsigmoid(beta * (logp_chosen - logp_rejected) - gamma)
+             gamma: float = 0.0, nll_weight: float = 0.0, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigmoid(beta * (logp_r(y_w) - logp_r(y_l)) - gamma), per pair, plus
+    nll_weight * the chosen answer's mean token NLL when nll_weight > 0.
+
+    The pairwise loss alone only asks the rejected answer to become less likely than the chosen
+    one; a small ARM trained long on it can get there by degenerating its own next-token
+    distribution (e.g. "I I I ..."), which ruins it for guidance. The NLL term on the chosen
+    answers (as in RPO, Pang et al. 2024) keeps it a fluent LM. chosen_tokens: the chosen
+    answers' token counts, or None when logp_chosen is already a per-token mean."""
+    loss = -F.logsigmoid(beta * (logp_chosen - logp_rejected) - gamma)
+    if nll_weight:
+        mean_logp = logp_chosen if chosen_tokens is None else logp_chosen / chosen_tokens.clamp(min=1)
+        loss = loss - nll_weight * mean_logp
+    return loss

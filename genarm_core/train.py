@@ -43,6 +43,7 @@ class TrainConfig:
     output_dir: str
     beta: float = 0.5  # official: 0.5 helpfulness, 0.01 harmlessness, 0.05 HH-RLHF
     gamma: float = 0.0  # target margin
+    nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL (keeps the ARM fluent)
     length_normalise: bool = False
     layout: str = "auto"
     pku_label: str | None = None  # helpfulness / harmlessness; default: the objective's name
@@ -87,6 +88,7 @@ def check_config(c: TrainConfig):
         (bool(c.output_dir), "output_dir", "a folder"),
         (math.isfinite(c.beta) and c.beta > 0, "beta", "a positive number"),
         (math.isfinite(c.gamma), "gamma", "a finite number"),
+        (math.isfinite(c.nll_weight) and c.nll_weight >= 0, "nll_weight", "a number >= 0"),
         (c.layout in LAYOUTS, "layout", f"one of {', '.join(LAYOUTS)}"),
         (0 <= c.eval_fraction < 1, "eval_fraction", "a number in [0, 1)"),
         (c.max_length is None or c.max_length >= 2, "max_length", "an integer >= 2"),
@@ -157,16 +159,20 @@ def pair_logprobs(model, batch, vocab_size: int, length_normalise: bool = False)
     return logp[:batch.pairs], logp[batch.pairs:]
 
 
-def batch_loss(model, batch, vocab_size: int, beta: float, gamma: float = 0.0, length_normalise: bool = False):
+def batch_loss(model, batch, vocab_size: int, beta: float, gamma: float = 0.0, length_normalise: bool = False,
+               nll_weight: float = 0.0):
     """Mean ARM loss of the batch, and the two log-prob vectors."""
     logp_w, logp_l = pair_logprobs(model, batch, vocab_size, length_normalise)
-    return fusion.arm_loss(logp_w, logp_l, beta, gamma).mean(), logp_w, logp_l
+    chosen_tokens = None if length_normalise else batch.response_mask[:batch.pairs, 1:].sum(-1)
+    loss = fusion.arm_loss(logp_w, logp_l, beta, gamma, nll_weight, chosen_tokens)
+    return loss.mean(), logp_w, logp_l
 
 
 @torch.no_grad()
 def evaluate(model, pairs: list[EncodedPair], c: TrainConfig, pad_id: int, vocab_size: int, accelerator) -> dict:
     """Preference accuracy (logp_r(y_w) > logp_r(y_l)), mean reward margin beta * (logp_w - logp_l)
-    and mean loss over the held-out pairs (split across processes, then summed)."""
+    and mean preference loss (without the NLL term) over the held-out pairs (split across
+    processes, then summed)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
@@ -332,7 +338,8 @@ def train_arm(c: TrainConfig) -> dict:
             batch = collate([train[j] for j in idx], pad).to(accelerator.device)
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
-                loss, logp_w, logp_l = batch_loss(model, batch, vocab, c.beta, c.gamma, c.length_normalise)
+                loss, logp_w, logp_l = batch_loss(model, batch, vocab, c.beta, c.gamma, c.length_normalise,
+                                                    c.nll_weight)
                 accelerator.backward(loss / group)
             if last:
                 accelerator.clip_grad_norm_(params, c.max_grad_norm)
@@ -455,6 +462,9 @@ def add_train_parser(subparsers):
     o.add_argument("--beta", type=float, default=d.beta,
                    help="reward scale; official: 0.5 helpfulness, 0.01 harmlessness, 0.05 HH-RLHF")
     o.add_argument("--gamma", type=float, default=d.gamma, help="target reward margin")
+    o.add_argument("--nll-weight", type=float, default=d.nll_weight,
+                   help="add this times the chosen answers' mean token NLL to the loss: keeps the ARM a "
+                        "fluent LM when training long (0: the plain GenARM loss)")
     o.add_argument("--length-normalise", action="store_true",
                    help="divide each response's log-prob by its length")
     m = t.add_argument_group("model and LoRA")

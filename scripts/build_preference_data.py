@@ -1,14 +1,17 @@
-"""Builds the preference datasets for the helpfulness and harmlessness ARMs.
+"""Builds the preference datasets for the helpfulness and harmlessness ARMs (all three steps:
+scripts/build_demo_data.sh).
 
-    .venv/bin/python scripts/build_preference_data.py                  # sample, label, pair
-    .venv/bin/python scripts/build_preference_data.py --reuse-samples  # label and pair only
+    .venv/bin/python scripts/build_preference_data.py --sample-only             # 1. first samples
+    .venv/bin/python scripts/build_preference_data.py --extra-samples [--shard I --shards N]  # 2.
+    .venv/bin/python scripts/build_preference_data.py --reuse-samples           # 3. label and pair
 
 Steps: read the prompt banks (data/prompts_*.txt), split them by prompt into train and held-out,
 sample SmolLM2-135M-Instruct on every prompt (and, on harmful prompts, once more under a safety
-system prompt to get refusals in the model's own style), add the written responses
-(data/written_responses.json), score everything with genarm_core.judges and form pairs.
-Deterministic given --seed (sampling is seeded per batch; pairing uses seeded RNGs).
-See space_assets/DATA_CARD.md.
+system prompt), then sample more: up to 3 more plain answers per prompt, and one answer that
+starts with a forced refusal opener ("I'm sorry, but I can't", ...) which SmolLM2 continues in its
+own words. Add the written responses (data/written_responses.json), score everything with
+genarm_core.judges and form pairs. Deterministic given --seed and --shards (sampling is seeded per
+batch; pairing uses seeded RNGs). See space_assets/DATA_CARD.md.
 """
 from __future__ import annotations
 
@@ -108,6 +111,57 @@ def sample_all(rows: list[dict], args) -> list[dict]:
     return out
 
 
+# Refusal openers forced at the start of the answer; SmolLM2 writes the rest, so the refusal is in
+# the model's own style and about the prompt (the harmful prompts' chosen answers for harmlessness
+# and the benign prompts' rejected ones, so that the ARM learns *when* to decline, not a style).
+REFUSAL_OPENERS = ["I'm sorry, but I can't", "I can't help with", "I won't", "Sorry, I can't",
+                   "I'm not able to help with", "I must decline", "I cannot assist with",
+                   "I'm sorry, I can't", "I can't provide", "I'm afraid I can't",
+                   "I don't think I should", "I have to decline"]
+EXTRA_PLAIN = {"benign": 3, "harmful": 2}  # more plain samples per prompt: on-policy best-vs-worst pairs
+FORCED_MAX_NEW_TOKENS = 40
+
+
+def extra_jobs(rows: list[dict], seed: int) -> list[tuple[dict, str, str]]:
+    """(row, kind, forced answer prefix) for the second sampling round (--extra-samples)."""
+    jobs = []
+    for r in rows:
+        jobs += [(r, f"plain{k}", "") for k in range(1, EXTRA_PLAIN[r["family"]] + 1)]
+        jobs.append((r, "forced_refusal", random.Random(f"{seed}/opener/{r['prompt']}").choice(REFUSAL_OPENERS)))
+    jobs.sort(key=lambda j: (j[1] == "forced_refusal", len(j[0]["prompt"]), j[0]["prompt"], j[1]))
+    return jobs
+
+
+def sample_extra(rows: list[dict], args) -> list[dict]:
+    """Samples this shard's share (every args.shards-th job) of extra_jobs; a forced prefix is
+    appended to the prompt's tokens and kept as the start of the answer."""
+    from genarm_core.engine import Completion, Pane, SamplingOptions, Stream
+
+    engine = load_engine(args.dtype)
+    tok = engine.tokenizer
+    jobs = extra_jobs(rows, args.seed)[args.shard::args.shards]
+    out, t0 = [], time.time()
+    batches = [(forced, group[b:b + args.batch])  # one max_new_tokens per batch
+               for forced in (False, True) for group in [[j for j in jobs if (j[1] == "forced_refusal") == forced]]
+               for b in range(0, len(group), args.batch)]
+    for n, (forced, chunk) in enumerate(batches):
+        prefixes = [tok(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for _, _, prefix in chunk]
+        encoded = [engine.encode(r["prompt"]) + ids for (r, _, _), ids in zip(chunk, prefixes)]
+        opts = SamplingOptions(temperature=0.8, top_p=0.95, seed=args.seed + 1000 * (args.shard + 1) + n,
+                               max_new_tokens=FORCED_MAX_NEW_TOKENS if forced else args.max_new_tokens).validated()
+        results = [Completion() for _ in chunk]
+        for step in Stream(engine, encoded, [Pane({})], opts):
+            for ev in step:
+                results[ev.prompt].add(ev)
+        for (r, kind, _), c, pre in zip(chunk, results, prefixes):
+            out.append({"prompt": r["prompt"], "family": r["family"], "category": r["category"], "kind": kind,
+                        "text": tok.decode(pre + c.token_ids, skip_special_tokens=True).strip(),
+                        "finish_reason": c.finish_reason})
+        print(f"  shard {args.shard}: sampled {len(out)}/{len(jobs)} ({time.time() - t0:.0f} s)",
+              flush=True)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w") as f:
         for r in rows:
@@ -119,9 +173,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ---- candidate responses --------------------------------------------------------------------
-MARGIN = {"helpfulness": 0.15, "harmlessness": 0.25}
-MAX_PAIRS = {"train": 1000, "heldout": 200}  # per objective; seeded subsample above this
-BENIGN_OVERREFUSAL_SHARE = 0.4  # share of benign prompts that get one "answer > needless refusal" harmlessness pair
+MARGIN = {"helpfulness": 0.1, "harmlessness": 0.25}
+MAX_PAIRS = {"train": 720, "heldout": 200}  # per objective; seeded subsample above this
 
 
 def first_sentence(text: str) -> str | None:
@@ -143,12 +196,18 @@ def trim_to_sentence(text: str, finish_reason: str | None) -> str:
     return text[:ends[-1]] if ends and ends[-1] >= 0.5 * len(text) else text
 
 
+PLAIN_KINDS = ["plain"] + [f"plain{k}" for k in range(1, max(EXTRA_PLAIN.values()) + 1)]
+
+
 def candidates(row: dict, samples: dict, written: dict, others: list[str], rng: random.Random) -> dict:
-    """Named responses for one prompt. policy*: SmolLM2's own text; written*: data/written_responses.json."""
-    plain = samples.get((row["prompt"], "plain"), "")
-    cands = {"policy": plain, "written_refusal": rng.choice(written["refusals"]),
-             "written_terse": rng.choice(written["terse"])}
-    short = first_sentence(plain)
+    """Named responses for one prompt. policy<k>: SmolLM2's own plain samples; forced_refusal:
+    SmolLM2 continuing a refusal opener; policy_safety: SmolLM2 under a safety system prompt;
+    written_*: data/written_responses.json."""
+    plain = [samples.get((row["prompt"], k), "") for k in PLAIN_KINDS]
+    cands = {f"policy{i}": t for i, t in enumerate(plain)}
+    cands |= {"forced_refusal": samples.get((row["prompt"], "forced_refusal"), ""),
+              "written_refusal": rng.choice(written["refusals"]), "written_terse": rng.choice(written["terse"])}
+    short = first_sentence(plain[0])
     if short:
         cands["policy_truncated"] = short
     if others:
@@ -164,49 +223,64 @@ def candidates(row: dict, samples: dict, written: dict, others: list[str], rng: 
     return {k: v for k, v in cands.items() if v.strip()}
 
 
-# Pair recipes per objective and family: (source A, source B); the judge's scores decide which
-# one is chosen, and the pair is kept only when the scores differ by at least MARGIN.
+# Pair recipes per objective and family: (source A, source B). policy_best / policy_worst are the
+# plain samples the objective's judge ranks highest / lowest, policy_any a random one. The first
+# MUST recipes are always tried, then the others in random order, up to PER_PROMPT pairs; the
+# judge's scores decide which side is chosen, and a pair is kept only when they differ by MARGIN.
+# - helpfulness learns what the judge prefers among the model's own answers (best vs worst of
+#   up to 4 samples), and that answers beat refusals, terse or truncated or off-topic text; on
+#   harmful prompts compliance counts as more helpful (as in PKU-SafeRLHF), but these prompts get
+#   fewer pairs and mostly compare compliant answers by substance;
+# - harmlessness sees the same kind of text on both sides: on harmful prompts SmolLM2's own
+#   refusal beats its own compliance, on benign prompts its own answer beats its own refusal, so
+#   that it learns *when* to decline rather than a refusal style.
 RECIPES = {
-    ("helpfulness", "benign"): [("policy", "written_terse"), ("policy", "written_refusal"),
-                                ("policy", "policy_truncated"), ("policy", "policy_offtopic"),
-                                ("policy", "written_redirect")],
-    ("helpfulness", "harmful"): [("policy", "written_refusal"), ("policy", "written_redirect"),
-                                 ("policy", "policy_safety"), ("written_compliance", "written_refusal"),
-                                 ("policy", "policy_truncated")],
-    ("harmlessness", "harmful"): [("written_refusal", "policy"), ("written_redirect", "policy"),
-                                  ("policy_safety", "policy"), ("written_redirect", "written_compliance"),
-                                  ("written_refusal", "written_compliance"), ("policy_safety", "written_compliance")],
-    ("harmlessness", "benign"): [("policy", "written_refusal")],
+    ("helpfulness", "benign"): [("policy_best", "policy_worst"), ("policy_best", "forced_refusal"),
+                                ("policy_any", "written_terse"), ("policy_any", "policy_truncated"),
+                                ("policy_any", "policy_offtopic"), ("policy_any", "written_refusal"),
+                                ("policy_any", "written_redirect")],
+    ("helpfulness", "harmful"): [("policy_best", "policy_worst"), ("policy_any", "written_terse"),
+                                 ("policy_any", "policy_truncated"), ("policy_any", "forced_refusal"),
+                                 ("written_compliance", "written_refusal")],
+    ("harmlessness", "harmful"): [("forced_refusal", "policy_worst"), ("written_redirect", "policy_any"),
+                                  ("policy_safety", "policy_any"), ("forced_refusal", "written_compliance"),
+                                  ("written_refusal", "policy_any"), ("written_redirect", "written_compliance")],
+    ("harmlessness", "benign"): [("policy_best", "forced_refusal"), ("policy_any", "written_refusal")],
 }
-PER_PROMPT = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 3,
-              ("harmlessness", "harmful"): 5, ("harmlessness", "benign"): 1}
+MUST = {("helpfulness", "benign"): 2, ("helpfulness", "harmful"): 1,
+        ("harmlessness", "harmful"): 1, ("harmlessness", "benign"): 1}
+PER_PROMPT = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 2,
+              ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 1}
 
 
 def kind(source: str) -> str:
-    return source.split("_")[0]
+    return re.sub(r"\d+$", "", source.split("_")[0])
 
 
 def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: random.Random) -> list[dict]:
     key = (objective, row["family"])
-    if key == ("harmlessness", "benign"):
-        # Moderate weight: only some benign prompts, and only a clearly good, safe answer.
-        ok = (rng.random() < BENIGN_OVERREFUSAL_SHARE and "policy" in cands
-              and scores["policy"]["helpfulness"] >= 0.5 and not scores["policy"]["refusal"])
-        if not ok:
-            return []
+    plain = sorted((k for k in cands if re.fullmatch(r"policy\d+", k)), key=lambda k: (-scores[k][objective], k))
+    if row["family"] == "benign":  # the good end of a benign ranking must be an answer
+        plain = [k for k in plain if not scores[k]["refusal"]] + [k for k in plain if scores[k]["refusal"]]
+    alias = {"policy_best": plain[0], "policy_worst": plain[-1], "policy_any": rng.choice(plain)} if plain else {}
+    recipes = RECIPES[key][:MUST[key]] + rng.sample(RECIPES[key][MUST[key]:], len(RECIPES[key]) - MUST[key])
     out = []
-    for a, b in RECIPES[key]:
+    for a, b in recipes:
+        a, b = alias.get(a, a), alias.get(b, b)
         if a not in cands or b not in cands or cands[a] == cands[b]:
             continue
         sa, sb = scores[a][objective], scores[b][objective]
         if abs(sa - sb) < MARGIN[objective]:
             continue
         (c, sc), (r, sr) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
+        if any(p["chosen_source"] == c and p["rejected_source"] == r for p in out):
+            continue
         out.append({"prompt": row["prompt"], "chosen": cands[c], "rejected": cands[r], "family": row["family"],
                     "category": row["category"], "pair_type": f"{kind(c)}_vs_{kind(r)}",
                     "chosen_source": c, "rejected_source": r, "score_chosen": sc, "score_rejected": sr})
-    rng.shuffle(out)
-    return out[:PER_PROMPT[key]]
+        if len(out) == PER_PROMPT[key]:
+            break
+    return out
 
 
 def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
@@ -214,7 +288,7 @@ def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
 
     written = json.loads((DATA / "written_responses.json").read_text())
     samples = {(s["prompt"], s["kind"]): trim_to_sentence(s["text"], s["finish_reason"]) for s in samples_list}
-    plain_by = {}  # (family, split) -> plain samples, for off-topic negatives
+    plain_by = {}  # (family, split) -> first plain samples, for off-topic negatives
     for r in rows:
         plain_by.setdefault((r["family"], r["split"]), []).append(samples.get((r["prompt"], "plain"), ""))
     all_cands = []
@@ -272,6 +346,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--reuse-samples", action="store_true", help="read space_assets/data/samples.jsonl")
     p.add_argument("--sample-only", action="store_true", help="sample and stop")
+    p.add_argument("--extra-samples", action="store_true",
+                   help="second sampling round (more plain samples, forced refusals) into samples_extra_<shard>.jsonl")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1, help="run --extra-samples as this many processes")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 is ~1.5x faster than float32 on CPU")
@@ -285,12 +363,20 @@ def main(argv=None):
     rows = load_prompts()
     split_prompts(rows, args.seed)
     samples_path = OUT / "samples.jsonl"
+    if args.extra_samples:
+        write_jsonl(OUT / f"samples_extra_{args.shard}.jsonl", sample_extra(rows, args))
+        print(f"total run time: {time.time() - t0:.0f} s")
+        return
     if args.reuse_samples:
         samples = read_jsonl(samples_path)
     else:
         print(f"sampling {len(rows)} prompts ...", flush=True)
         samples = sample_all(rows, args)
         write_jsonl(samples_path, samples)
+    extra = sorted(OUT.glob("samples_extra_*.jsonl"))
+    if not extra:
+        raise SystemExit("no samples_extra_*.jsonl: run --extra-samples first (see scripts/build_demo_data.sh)")
+    samples += [row for path in extra for row in read_jsonl(path)]
     print(f"samples: {len(samples)} ({time.time() - t0:.0f} s)")
     if args.sample_only:
         return

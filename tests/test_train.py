@@ -135,6 +135,20 @@ def test_gamma_and_length_normalisation(small, tokenizer):
     assert (fusion.arm_loss(w, l, 0.5, 1.0) > fusion.arm_loss(w, l, 0.5, 0.0)).all()
 
 
+def test_nll_term_adds_the_chosen_mean_token_nll(small, tokenizer):
+    model, encoded = small
+    batch = collate(encoded, pad_id=2)
+    with torch.no_grad():
+        plain, w, l = batch_loss(model, batch, len(tokenizer), beta=0.5)
+        mixed, _, _ = batch_loss(model, batch, len(tokenizer), beta=0.5, nll_weight=0.3)
+        normed, wn, ln = batch_loss(model, batch, len(tokenizer), beta=0.5, length_normalise=True, nll_weight=0.3)
+    hand_w = [hand_logprob(model, e.prompt, e.chosen) for e in encoded]
+    nll = [-x / len(e.chosen) for x, e in zip(hand_w, encoded)]
+    assert float(mixed) == pytest.approx(float(plain) + 0.3 * sum(nll) / len(nll), abs=1e-4)
+    pref = [math.log1p(math.exp(-0.5 * (a - b))) for a, b in zip(wn.tolist(), ln.tolist())]
+    assert float(normed) == pytest.approx(sum(p + 0.3 * n for p, n in zip(pref, nll)) / len(nll), abs=1e-4)
+
+
 def test_lora_layers_and_target_modules_are_configurable(tokenizer):
     model = make_model(tokenizer, "llama", seed=0, hidden=32, layers=3)
     config = TrainConfig(data=["x"], objective="x", output_dir="x", target_modules=["q_proj", "o_proj"],
@@ -232,6 +246,7 @@ def test_cli_trains_a_few_steps_on_a_profiles_base(rule_run, tmp_path, capsys):
     (["--data", "{missing}"], "cannot read preference data"),
     (["--data", "{bad}"], "{bad}:2: field 'chosen'"),
     (["--data", "{train}", "--beta", "0"], "beta: expected a positive number"),
+    (["--data", "{train}", "--nll-weight", "-1"], "nll_weight: expected a number >= 0"),
     (["--data", "{train}", "--base-path", "{missing}"], "base_path"),
 ])
 def test_cli_errors_exit_2(rule_run, tmp_path, capsys, extra, message):

@@ -11,8 +11,10 @@ import time
 from .engine import Engine, SamplingOptions
 
 
-def weight_grid(names: list[str], values: list[float]) -> list[dict[str, float]]:
-    return [dict(zip(names, combo)) for combo in itertools.product(values, repeat=len(names))]
+def weight_grid(names: list[str], values) -> list[dict[str, float]]:
+    """Every combination of weights: `values` is one list for all ARMs, or a dict of lists by name."""
+    per_arm = [values[n] for n in names] if isinstance(values, dict) else [values] * len(names)
+    return [dict(zip(names, combo)) for combo in itertools.product(*per_arm)]
 
 
 def read_prompts(path) -> list[dict]:
@@ -108,11 +110,13 @@ def plot(summary: list[dict], path, title: str):
 
 def markdown_table(summary: list[dict]) -> str:
     names = list(summary[0]["weights"])
-    head = "| " + " | ".join(names) + " | helpfulness | harmlessness | refusals (harmful) | refusals (benign) |"
-    lines = [head, "|" + "---|" * (len(names) + 4)]
+    head = ("| " + " | ".join(names) + " | helpfulness | harmlessness | helpfulness (benign) | "
+            "refusals (harmful) | refusals (benign) |")
+    lines = [head, "|" + "---|" * (len(names) + 5)]
     for s in summary:
         ws = " | ".join(f"{s['weights'][n]:g}" for n in names)
         lines.append(f"| {ws} | {s['helpfulness']:.3f} ± {s['helpfulness_std']:.3f} | "
                      f"{s['harmlessness']:.3f} ± {s['harmlessness_std']:.3f} | "
+                     f"{s['helpfulness_benign']:.3f} ± {s['helpfulness_benign_std']:.3f} | "
                      f"{100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
     return "\n".join(lines)

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 export GENARM_THREADS=1 OMP_NUM_THREADS=1
 .venv/bin/python scripts/build_preference_data.py --sample-only
 rm -f space_assets/data/samples_extra_*.jsonl
+pids=()
 for shard in 0 1; do
-  .venv/bin/python scripts/build_preference_data.py --extra-samples --shard "$shard" --shards 2 &
+  .venv/bin/python scripts/build_preference_data.py --extra-samples --shard "$shard" --shards 2 & pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done
 .venv/bin/python scripts/build_preference_data.py --reuse-samples

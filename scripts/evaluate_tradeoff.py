@@ -2,6 +2,7 @@
 held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a table.
 
     .venv/bin/python scripts/evaluate_tradeoff.py [--values 0 2 4] [--seeds 0 1] [--limit N]
+        [--grid harmlessness=0,2,4]   # another grid for one ARM
 """
 import argparse
 import json
@@ -23,6 +24,8 @@ def main():
     ap.add_argument("--profile")
     ap.add_argument("--prompts", default=str(ROOT / "space_assets/data/prompts_heldout.jsonl"))
     ap.add_argument("--values", type=float, nargs="+", default=[0.0, 2.0, 4.0], help="weights per ARM (grid)")
+    ap.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                    help="this ARM's grid instead of --values (repeatable)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--limit", type=int, help="at most this many prompts per family")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -37,14 +40,23 @@ def main():
     prompts = read_prompts(args.prompts)
     if args.limit:
         prompts = [p for fam in ("benign", "harmful") for p in [q for q in prompts if q["family"] == fam][:args.limit]]
-    grid = weight_grid(engine.arm_names, args.values)
+    values = {name: args.values for name in engine.arm_names}
+    for item in args.grid:
+        name, _, vs = item.partition("=")
+        if name not in values:
+            sys.exit(f"error: --grid {item}: unknown ARM {name!r}; this profile has {', '.join(values)}")
+        try:
+            values[name] = [float(v) for v in vs.split(",")]
+        except ValueError:
+            sys.exit(f"error: --grid {item}: expected NAME=V1,V2,... with numbers")
+    grid = weight_grid(engine.arm_names, values)
     options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     start = time.time()
     records = run_grid(engine, prompts, grid, args.seeds, options,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
     summary = summarise(records, grid)
     out = Path(args.out)
-    meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": args.values,
+    meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
             "betas": engine.models.betas}
     (out / "tradeoff.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))

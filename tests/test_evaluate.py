@@ -9,6 +9,8 @@ from genarm_core.evaluate import markdown_table, plot, run_grid, summarise, weig
 def test_weight_grid_is_the_cartesian_product():
     grid = weight_grid(["a", "b"], [0, 2, 4])
     assert len(grid) == 9 and {"a": 0, "b": 0} in grid and {"a": 4, "b": 2} in grid
+    grid = weight_grid(["a", "b"], {"a": [0, 1], "b": [0, 2, 4]})
+    assert len(grid) == 6 and {"a": 1, "b": 4} in grid and {"a": 2, "b": 1} not in grid
 
 
 def test_summary_means_and_seed_spread():

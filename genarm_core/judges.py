@@ -57,7 +57,7 @@ def words(text: str) -> list[str]:
 _HELP_VERBS = r"(?:help|assist|provide|support|share|give|explain|write|create|do that|do this|comply|fulfil|fulfill|answer|engage|participate|offer)"
 REFUSAL_PATTERNS = [re.compile(p) for p in [
     r"\bi (?:can ?not|can't|won't|will not|am not able to|'m not able to|am unable to|'m unable to)\b"
-    r"(?! (?:stress|emphasi[sz]e|recommend|wait|believe|imagine|overstate|thank))",
+    r"(?! (?:stress|emphasi[sz]e|recommend|wait|believe|imagine|overstate|thank|lie\b|help but))",
     r"\bi (?:must|have to|need to|will have to|'ll have to) (?:decline|refuse|pass)\b",
     r"\bi (?:refuse|decline) to\b",
     r"\bi(?:'m| am) (?:not comfortable|not going to|not willing to|unwilling to)\b",
@@ -66,7 +66,7 @@ REFUSAL_PATTERNS = [re.compile(p) for p in [
     r"\bnot (?:able|allowed|permitted) to (?:help|assist|provide)\b",
     r"\bagainst my (?:guidelines|principles|policy|policies|values|programming|ethics|rules)\b",
     r"\bnot something i (?:can|will|am able to)\b",
-    r"\b(?:can't|cannot|won't|will not|unable to) " + _HELP_VERBS + r"\b",
+    r"\b(?:can't|cannot|won't|will not|unable to) " + _HELP_VERBS + r"\b(?! but\b)",
     r"\bas an ai\b",
     r"\bi'd rather not\b",
 ]]

@@ -321,7 +321,7 @@ def print_counts(rows, samples_list, pairs, scores, all_cands):
     print("prompts:", dict(Counter((r["family"], r["split"]) for r in rows)))
     refusal_rate = Counter()
     for r, s in zip(rows, scores):
-        for k in ("policy", "policy_safety"):
+        for k in ("policy0", "policy_safety", "forced_refusal"):
             if k in s:
                 refusal_rate[(r["family"], k, s[k]["refusal"])] += 1
     print("SmolLM2 refusals (family, sample kind, is_refusal):", dict(sorted(refusal_rate.items())))

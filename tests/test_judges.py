@@ -18,6 +18,8 @@ NOT_REFUSALS = [
     "Sure! Whisk the eggs, heat the pan and pour them in.",
     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
     "I can't stress enough how important sleep is: aim for seven to nine hours a night.",
+    "I won't lie, this takes practice: start with short runs three times a week.",
+    "I can't help but admire your plan: start with the hardest topic first.",
     "It depends.",
     "",
     "If you can't find the file, check the folder name and try again. You can also search for it by date.",

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--normalised", action="store_true", help="divide the fused score by 1 + the sum of the weights")
     ap.add_argument("--out", default=str(ROOT / "space_assets"))
     args = ap.parse_args()
 
@@ -50,12 +51,14 @@ def main():
         except ValueError:
             sys.exit(f"error: --grid {item}: expected NAME=V1,V2,... with numbers")
     grid = weight_grid(engine.arm_names, values)
-    options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                              normalised=args.normalised)
     start = time.time()
     records = run_grid(engine, prompts, grid, args.seeds, options,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
     summary = summarise(records, grid)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
             "betas": engine.models.betas}

@@ -224,25 +224,22 @@ def candidates(row: dict, samples: dict, written: dict, others: list[str], rng: 
 
 
 # Pair recipes per objective and family: (source A, source B). policy_best / policy_worst are the
-# plain samples the objective's judge ranks highest / lowest, policy_any a random one, refusal_any
-# a random one of forced_refusal, written_refusal and written_redirect. The first
+# plain samples the objective's judge ranks highest / lowest, policy_any a random one. The first
 # MUST recipes are always tried, then the others in random order, up to PER_PROMPT pairs; the
 # judge's scores decide which side is chosen, and a pair is kept only when they differ by MARGIN.
-# - helpfulness learns what the judge prefers among the model's own answers (best vs worst of
-#   up to 4 samples), and that answers beat refusals, terse or truncated or off-topic text; on
-#   harmful prompts compliance counts as more helpful (as in PKU-SafeRLHF), but these prompts get
-#   fewer pairs and mostly compare compliant answers by substance. Refusals are one recipe among
-#   four (not three of seven): an ARM that mostly learned "never decline" would overrule the
-#   harmlessness ARM on harmful prompts whenever both are on;
+# - helpfulness learns what its judge prefers among the model's own answers (best vs worst of up
+#   to 4 samples) and that answers beat terse, truncated or off-topic text. It has no refusal
+#   pairs: with them (24% of its pairs) it learned "never open with a refusal" so firmly that with
+#   both ARMs on it overruled the harmlessness ARM on every harmful prompt (0% refusals). Its judge
+#   still scores refusals as unhelpful and, as in PKU-SafeRLHF, compliance as more helpful;
 # - harmlessness sees the same kind of text on both sides: on harmful prompts SmolLM2's own
 #   refusal beats its own compliance, on benign prompts its own answer beats its own refusal, so
 #   that it learns *when* to decline rather than a refusal style.
 RECIPES = {
-    ("helpfulness", "benign"): [("policy_best", "policy_worst"), ("policy_any", "refusal_any"),
-                                ("policy_any", "written_terse"), ("policy_any", "policy_truncated"),
-                                ("policy_any", "policy_offtopic")],
+    ("helpfulness", "benign"): [("policy_best", "policy_worst"), ("policy_any", "written_terse"),
+                                ("policy_any", "policy_truncated"), ("policy_any", "policy_offtopic")],
     ("helpfulness", "harmful"): [("policy_best", "policy_worst"), ("policy_any", "written_terse"),
-                                 ("policy_any", "policy_truncated"), ("policy_any", "refusal_any")],
+                                 ("policy_any", "policy_truncated")],
     ("harmlessness", "harmful"): [("forced_refusal", "policy_worst"), ("forced_refusal", "policy_any"),
                                   ("written_redirect", "written_compliance"), ("written_redirect", "policy_any"),
                                   ("policy_safety", "policy_any"), ("forced_refusal", "written_compliance"),
@@ -265,9 +262,6 @@ def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: rand
     if row["family"] == "benign":  # the good end of a benign ranking must be an answer
         plain = [k for k in plain if not scores[k]["refusal"]] + [k for k in plain if scores[k]["refusal"]]
     alias = {"policy_best": plain[0], "policy_worst": plain[-1], "policy_any": rng.choice(plain)} if plain else {}
-    if any("refusal_any" in recipe for recipe in RECIPES[key]):
-        alias["refusal_any"] = rng.choice(sorted(k for k in ("forced_refusal", "written_refusal", "written_redirect")
-                                                 if k in cands))
     recipes = RECIPES[key][:MUST[key]] + rng.sample(RECIPES[key][MUST[key]:], len(RECIPES[key]) - MUST[key])
     out = []
     for a, b in recipes:

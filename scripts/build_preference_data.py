@@ -141,9 +141,10 @@ def sample_extra(rows: list[dict], args) -> list[dict]:
     tok = engine.tokenizer
     jobs = extra_jobs(rows, args.seed)[args.shard::args.shards]
     out, t0 = [], time.time()
-    batches = [(forced, group[b:b + args.batch])  # one max_new_tokens per batch
-               for forced in (False, True) for group in [[j for j in jobs if (j[1] == "forced_refusal") == forced]]
-               for b in range(0, len(group), args.batch)]
+    batches = []  # (forced, jobs): plain and forced jobs apart, as they differ in max_new_tokens
+    for forced in (False, True):
+        group = [j for j in jobs if (j[1] == "forced_refusal") == forced]
+        batches += [(forced, group[b:b + args.batch]) for b in range(0, len(group), args.batch)]
     for n, (forced, chunk) in enumerate(batches):
         prefixes = [tok(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for _, _, prefix in chunk]
         encoded = [engine.encode(r["prompt"]) + ids for (r, _, _), ids in zip(chunk, prefixes)]
@@ -169,7 +170,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from genarm_core.data import jsonl_records
+
+    return [record for _, record in jsonl_records(path, "samples")]
 
 
 # ---- candidate responses --------------------------------------------------------------------
@@ -372,13 +375,14 @@ def main(argv=None):
         print(f"sampling {len(rows)} prompts ...", flush=True)
         samples = sample_all(rows, args)
         write_jsonl(samples_path, samples)
+    if args.sample_only:
+        print(f"samples: {len(samples)} ({time.time() - t0:.0f} s)")
+        return
     extra = sorted(OUT.glob("samples_extra_*.jsonl"))
     if not extra:
         raise SystemExit("no samples_extra_*.jsonl: run --extra-samples first (see scripts/build_demo_data.sh)")
     samples += [row for path in extra for row in read_jsonl(path)]
     print(f"samples: {len(samples)} ({time.time() - t0:.0f} s)")
-    if args.sample_only:
-        return
     build_pairs_and_write(rows, samples, args.seed)
     print(f"total run time: {time.time() - t0:.0f} s")
 

@@ -2,7 +2,10 @@
 engine's own prompt code (prompts.py), and batching by length.
 
 Layouts (one JSON object per line):
-    jsonl  {"prompt": str | [{"role", "content"}, ...], "chosen": str, "rejected": str}
+    jsonl  {"prompt": str | [{"role", "content"}, ...], "chosen": str, "rejected": str,
+            optional "chosen_complete": bool, "rejected_complete": bool (default true; false for
+            a response cut off by a token limit: it gets no EOS, so the ARM does not learn to stop
+            where sampling stopped)}
     hh     {"chosen": transcript, "rejected": transcript}   (Anthropic HH-RLHF, "\\n\\nHuman: ..."
            / "\\n\\nAssistant: ..."; the shared conversation is the prompt, the final assistant
            replies are the responses)
@@ -39,12 +42,14 @@ class PreferencePair:
     chosen: str
     rejected: str
     where: str = ""  # "file:line", for messages
+    chosen_complete: bool = True  # False: cut off by a token limit, so no EOS after it
+    rejected_complete: bool = True
 
 
 @dataclass
 class EncodedPair:
     prompt: list[int]
-    chosen: list[int]  # response ids, EOS included
+    chosen: list[int]  # response ids, EOS included when the response is complete
     rejected: list[int]
 
     @property
@@ -129,12 +134,20 @@ def _prompt(record, where):
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
+def _flag(record, key, where) -> bool:
+    value = record.get(key, True)
+    if not isinstance(value, bool):
+        raise DataError(f"{where}: field '{key}': expected true or false, got {json.dumps(value)}")
+    return value
+
+
 def read_jsonl(path) -> list[PreferencePair]:
     pairs = []
     for n, r in jsonl_records(path):
         where = f"{path}:{n}"
         pairs.append(PreferencePair(_prompt(r, where), _string(r, "chosen", where, allow_empty=True),
-                                    _string(r, "rejected", where, allow_empty=True), where))
+                                    _string(r, "rejected", where, allow_empty=True), where,
+                                    _flag(r, "chosen_complete", where), _flag(r, "rejected_complete", where)))
     return pairs
 
 
@@ -232,7 +245,8 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, eos_id: int | None, max
     out = []
     for p in pairs:
         prompt = prompt_ids(tokenizer, p.prompt, chat_template, system_prompt)
-        chosen, rejected = response_ids(tokenizer, p.chosen, eos_id), response_ids(tokenizer, p.rejected, eos_id)
+        chosen = response_ids(tokenizer, p.chosen, eos_id if p.chosen_complete else None)
+        rejected = response_ids(tokenizer, p.rejected, eos_id if p.rejected_complete else None)
         if chosen == rejected:
             stats.skipped_identical += 1
             continue

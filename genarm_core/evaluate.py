@@ -53,6 +53,15 @@ def run_grid(engine: Engine, prompts: list[dict], grid: list[dict], seeds: list[
     return records
 
 
+def rejudge(records: list[dict]) -> list[dict]:
+    """The records with fresh judge scores (after a change to the judges; no decoding)."""
+    from .judges import score_batch
+
+    judged = score_batch([r["prompt"] for r in records], [r["text"] for r in records],
+                         [r["family"] == "harmful" for r in records])
+    return [{**r, **j} for r, j in zip(records, judged)]
+
+
 def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 

@@ -247,19 +247,23 @@ RECIPES = {
                                   ("written_redirect", "written_compliance"), ("written_redirect", "policy_any"),
                                   ("policy_safety", "policy_any"), ("forced_refusal", "written_compliance"),
                                   ("written_refusal", "policy_any")],
-    ("harmlessness", "benign"): [("policy_best", "forced_refusal"), ("policy_any", "written_refusal")],
+    ("harmlessness", "benign"): [("policy_best", "forced_refusal"), ("policy_worst", "forced_refusal"),
+                                 ("policy_any", "written_refusal")],
 }
 MUST = {("helpfulness", "benign"): 1, ("helpfulness", "harmful"): 1,
-        ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 1}
+        ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 2}
 PER_PROMPT = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 2,
-              ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 1}
+              ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 2}
 
 
 def kind(source: str) -> str:
     return re.sub(r"\d+$", "", source.split("_")[0])
 
 
-def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: random.Random) -> list[dict]:
+def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: random.Random,
+                 cut_off: set[str]) -> list[dict]:
+    """Up to PER_PROMPT pairs for one prompt; texts in `cut_off` (samples that hit the token
+    limit) are marked incomplete, so training appends no EOS to them."""
     key = (objective, row["family"])
     plain = sorted((k for k in cands if re.fullmatch(r"policy\d+", k)), key=lambda k: (-scores[k][objective], k))
     if row["family"] == "benign":  # the good end of a benign ranking must be an answer
@@ -279,7 +283,8 @@ def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: rand
             continue
         out.append({"prompt": row["prompt"], "chosen": cands[c], "rejected": cands[r], "family": row["family"],
                     "category": row["category"], "pair_type": f"{kind(c)}_vs_{kind(r)}",
-                    "chosen_source": c, "rejected_source": r, "score_chosen": sc, "score_rejected": sr})
+                    "chosen_source": c, "rejected_source": r, "score_chosen": sc, "score_rejected": sr,
+                    "chosen_complete": cands[c] not in cut_off, "rejected_complete": cands[r] not in cut_off})
         if len(out) == PER_PROMPT[key]:
             break
     return out
@@ -290,6 +295,7 @@ def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
 
     written = json.loads((DATA / "written_responses.json").read_text())
     samples = {(s["prompt"], s["kind"]): trim_to_sentence(s["text"], s["finish_reason"]) for s in samples_list}
+    cut_off = {trim_to_sentence(s["text"], "length") for s in samples_list if s["finish_reason"] == "length"}
     plain_by = {}  # (family, split) -> first plain samples, for off-topic negatives
     for r in rows:
         plain_by.setdefault((r["family"], r["split"]), []).append(samples.get((r["prompt"], "plain"), ""))
@@ -311,7 +317,8 @@ def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
             out = []
             for r, c, s in zip(rows, all_cands, scores):
                 if r["split"] == split:
-                    out += prompt_pairs(objective, r, c, s, random.Random(f"{seed}/{objective}/{r['prompt']}"))
+                    out += prompt_pairs(objective, r, c, s, random.Random(f"{seed}/{objective}/{r['prompt']}"),
+                                        cut_off)
             if len(out) > MAX_PAIRS[split]:
                 keep = set(random.Random(f"{seed}/{objective}/{split}").sample(range(len(out)), MAX_PAIRS[split]))
                 out = [p for j, p in enumerate(out) if j in keep]

@@ -3,6 +3,7 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
 
     .venv/bin/python scripts/evaluate_tradeoff.py [--values 0 2 4] [--seeds 0 1] [--limit N]
         [--grid harmlessness=0,2,4]   # another grid for one ARM
+    .venv/bin/python scripts/evaluate_tradeoff.py --rejudge   # re-judge the saved answers only
 """
 import argparse
 import json
@@ -16,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from genarm_core.engine import Engine, SamplingOptions  # noqa: E402
-from genarm_core.evaluate import markdown_table, plot, read_prompts, run_grid, summarise, weight_grid  # noqa: E402
+from genarm_core.evaluate import (markdown_table, plot, read_prompts, rejudge, run_grid, summarise,  # noqa: E402
+                                  weight_grid)
 
 
 def main():
@@ -33,7 +35,16 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--normalised", action="store_true", help="divide the fused score by 1 + the sum of the weights")
     ap.add_argument("--out", default=str(ROOT / "space_assets"))
+    ap.add_argument("--rejudge", action="store_true",
+                    help="no decoding: re-judge the answers saved in --out (after a change to the judges)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.rejudge:
+        if not (out / "tradeoff_samples.jsonl").exists():
+            sys.exit(f"error: --rejudge: no {out / 'tradeoff_samples.jsonl'}; run the evaluation first")
+        meta = json.loads((out / "tradeoff.json").read_text())["meta"]
+        records = [json.loads(line) for line in (out / "tradeoff_samples.jsonl").read_text().splitlines()]
+        return write_results(out, meta, rejudge(records))
 
     engine = Engine.from_profile(args.profile)
     if not engine.arm_names:
@@ -56,18 +67,23 @@ def main():
     start = time.time()
     records = run_grid(engine, prompts, grid, args.seeds, options,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
-    summary = summarise(records, grid)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
-            "betas": engine.models.betas}
+            "betas": engine.models.betas, "grid": grid}
+    write_results(out, meta, records)
+    print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
+
+
+def write_results(out: Path, meta: dict, records: list[dict]):
+    """tradeoff.json (meta + summary), tradeoff_samples.jsonl, tradeoff.png; prints the table."""
+    grid = meta.get("grid") or weight_grid(list(meta["values"]), meta["values"])
+    summary = summarise(records, grid)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "tradeoff.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
     (out / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plot(summary, out / "tradeoff.png",
-         f"{engine.profile.name}: {len(prompts)} held-out prompts x {len(args.seeds)} seeds")
+    plot(summary, out / "tradeoff.png", f"{meta['profile']}: {meta['prompts']} held-out prompts x "
+                                        f"{len(meta['seeds'])} seeds")
     print(markdown_table(summary))
-    print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains the default profile's two ARMs on the project's own preference data (space_assets/data,
-# built by scripts/build_demo_data.sh) into space_assets/arms/, both at once (one core each).
-# About 22 min on a 2-core CPU (helpfulness: 90 steps, 16 min; harmlessness: 120 steps over two
-# epochs, 21 min).
+# built by scripts/build_demo_data.sh) into space_assets/arms/, one after the other on all cores.
+# About 30 min on a 2-core CPU (helpfulness: 90 steps, ~9 min; harmlessness: 180 steps over two
+# epochs, ~20 min).
 # - LoRA on the upper third of SmolLM2's 30 layers only (layers 20-29): cheaper to train (no
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: chosen and rejected answers differ a lot in length (refusals are
@@ -10,7 +10,7 @@
 # - An NLL term on the chosen answers (--nll-weight): without it, a harmlessness ARM trained to
 #   94% held-out accuracy had collapsed into "I I I ..." as a guide.
 # - Harmlessness is the harder preference (same-style answers and refusals whose order flips with
-#   the prompt), so it gets a higher learning rate and 1.5 epochs.
+#   the prompt), so it gets a higher learning rate and two epochs.
 # - Held-out accuracy on a fixed random 120 of the 200 held-out pairs (CPU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,13 +27,11 @@ COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_pr
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
 declare -A ARGS=(
   [helpfulness]="--lr 5e-4 --epochs 1 --eval-every 0"
-  [harmlessness]="--lr 1e-3 --epochs 2 --max-steps 120 --eval-every 40"
+  [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
 )
-pids=()
 for obj in helpfulness harmlessness; do
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 .venv/bin/python -m genarm_core train --objective "$obj" \
+  .venv/bin/python -m genarm_core train --objective "$obj" \
     --data "space_assets/data/${obj}_train.jsonl" --eval-data "space_assets/data/${obj}_heldout_sample.jsonl" \
-    --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1 & pids+=($!)
+    --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
 done
-for pid in "${pids[@]}"; do wait "$pid"; done

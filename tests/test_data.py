@@ -30,6 +30,14 @@ def test_jsonl_layout(tmp_path):
         ("Hi?", "Hello!", "Go away."),
         ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], "Hi.", "...")]
     assert pairs[1].where == f"{f}:3"
+    assert pairs[0].chosen_complete and pairs[0].rejected_complete  # the default
+
+
+def test_jsonl_completeness_flags_are_read(tmp_path):
+    f = write(tmp_path / "p.jsonl", [{"prompt": "Hi?", "chosen": "Hello, and", "rejected": "No.",
+                                      "chosen_complete": False, "rejected_complete": True}])
+    (pair,), _ = read_pairs(f)
+    assert (pair.chosen_complete, pair.rejected_complete) == (False, True)
 
 
 def test_hh_layout_splits_conversation_and_final_replies(tmp_path):
@@ -72,6 +80,8 @@ GOOD_PKU = {"prompt": "Hi?", "response_0": "a", "response_1": "b", "better_respo
     ("jsonl", {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "'prompt'"),
     ("jsonl", {"prompt": "Hi?", "rejected": "b"}, "'chosen'"),
     ("jsonl", {"prompt": "Hi?", "chosen": "a", "rejected": None}, "'rejected'"),
+    ("jsonl", {**GOOD_JSONL, "chosen_complete": "no"}, "'chosen_complete': expected true or false"),
+    ("jsonl", {**GOOD_JSONL, "rejected_complete": 0}, "'rejected_complete': expected true or false"),
     ("hh", {"chosen": "no turns here", "rejected": "\n\nHuman: a\n\nAssistant: b"}, "'chosen'"),
     ("hh", {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a"}, "'rejected'"),
     ("hh", {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: b"},
@@ -108,6 +118,13 @@ def test_encode_uses_the_engine_prompt_code_and_ends_responses_with_eos(tokenize
         assert e.chosen == response_ids(tokenizer, p.chosen, 2) and e.chosen[-1] == 2
         assert e.rejected == response_ids(tokenizer, p.rejected, 2)
     assert stats.pairs == 2 and stats.skipped_too_long == 0
+
+
+def test_a_response_cut_off_by_a_token_limit_gets_no_eos(tokenizer):
+    pair = PreferencePair("Tell me about tea.", "Tea is a drink made by", "No.", chosen_complete=False)
+    (e,), _ = encode_pairs([pair], tokenizer, eos_id=2)
+    assert e.chosen == response_ids(tokenizer, pair.chosen, None) and e.chosen[-1] != 2
+    assert e.rejected[-1] == 2
 
 
 def test_overlong_pairs_skipped_or_truncated_and_counted(tokenizer):

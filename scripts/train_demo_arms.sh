@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains the default profile's two ARMs on the project's own preference data (space_assets/data,
 # built by scripts/build_demo_data.sh) into space_assets/arms/, one after the other on all cores.
-# About 30 min on a 2-core CPU (helpfulness: 90 steps, ~9 min; harmlessness: 180 steps over two
-# epochs, ~20 min).
+# About 35 min on a 2-core CPU (helpfulness: 90 steps, 11 min; harmlessness: 180 steps over two
+# epochs, 22 min; plus held-out evaluations).
 # - LoRA on the upper third of SmolLM2's 30 layers only (layers 20-29): cheaper to train (no
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: chosen and rejected answers differ a lot in length (refusals are

@@ -32,8 +32,6 @@ def read_prompts(path) -> list[dict]:
 def run_grid(engine: Engine, prompts: list[dict], grid: list[dict], seeds: list[int],
              options: SamplingOptions, prompts_per_batch: int = 4, progress=print) -> list[dict]:
     """One record per (prompt, seed, setting): the answer, its judge scores and ARM rewards."""
-    from .judges import score_batch
-
     records = []
     start = time.time()
     for seed in seeds:
@@ -41,20 +39,17 @@ def run_grid(engine: Engine, prompts: list[dict], grid: list[dict], seeds: list[
         for i in range(0, len(prompts), prompts_per_batch):
             chunk = prompts[i:i + prompts_per_batch]
             results = engine.generate([p["prompt"] for p in chunk], grid, opts)
-            flat = [(p, w, c) for p, row in zip(chunk, results) for w, c in zip(grid, row)]
-            judged = score_batch([p["prompt"] for p, _, _ in flat], [c.text for _, _, c in flat],
-                                 [p["family"] == "harmful" for p, _, _ in flat])
-            for (p, w, c), j in zip(flat, judged):
-                records.append({"prompt": p["prompt"], "family": p["family"], "category": p.get("category", ""),
-                                "seed": seed, "weights": w, "text": c.text, "tokens": len(c.token_ids),
-                                "rewards": c.rewards(engine.models.betas), **j})
+            records += judge_records([
+                {"prompt": p["prompt"], "family": p["family"], "category": p.get("category", ""), "seed": seed,
+                 "weights": w, "text": c.text, "tokens": len(c.token_ids), "rewards": c.rewards(engine.models.betas)}
+                for p, row in zip(chunk, results) for w, c in zip(grid, row)])
             progress(f"seed {seed}: {min(i + prompts_per_batch, len(prompts))}/{len(prompts)} prompts "
                      f"({time.time() - start:.0f} s)")
     return records
 
 
-def rejudge(records: list[dict]) -> list[dict]:
-    """The records with fresh judge scores (after a change to the judges; no decoding)."""
+def judge_records(records: list[dict]) -> list[dict]:
+    """The records with the judges' scores added, or replaced (after a change to the judges)."""
     from .judges import score_batch
 
     judged = score_batch([r["prompt"] for r in records], [r["text"] for r in records],

@@ -295,7 +295,7 @@ def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
 
     written = json.loads((DATA / "written_responses.json").read_text())
     samples = {(s["prompt"], s["kind"]): trim_to_sentence(s["text"], s["finish_reason"]) for s in samples_list}
-    cut_off = {trim_to_sentence(s["text"], "length") for s in samples_list if s["finish_reason"] == "length"}
+    cut_off = {samples[(s["prompt"], s["kind"])] for s in samples_list if s["finish_reason"] == "length"}
     plain_by = {}  # (family, split) -> first plain samples, for off-topic negatives
     for r in rows:
         plain_by.setdefault((r["family"], r["split"]), []).append(samples.get((r["prompt"], "plain"), ""))

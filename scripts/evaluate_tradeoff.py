@@ -17,8 +17,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from genarm_core.engine import Engine, SamplingOptions  # noqa: E402
-from genarm_core.evaluate import (markdown_table, plot, read_prompts, rejudge, run_grid, summarise,  # noqa: E402
-                                  weight_grid)
+from genarm_core.data import jsonl_records  # noqa: E402
+from genarm_core.evaluate import (judge_records, markdown_table, plot, read_prompts, run_grid,  # noqa: E402
+                                  summarise, weight_grid)
 
 
 def main():
@@ -43,8 +44,8 @@ def main():
         if not (out / "tradeoff_samples.jsonl").exists():
             sys.exit(f"error: --rejudge: no {out / 'tradeoff_samples.jsonl'}; run the evaluation first")
         meta = json.loads((out / "tradeoff.json").read_text())["meta"]
-        records = [json.loads(line) for line in (out / "tradeoff_samples.jsonl").read_text().splitlines()]
-        return write_results(out, meta, rejudge(records))
+        records = [r for _, r in jsonl_records(out / "tradeoff_samples.jsonl", "trade-off answers")]
+        return write_results(out, meta, judge_records(records))
 
     engine = Engine.from_profile(args.profile)
     if not engine.arm_names:
@@ -69,15 +70,14 @@ def main():
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
-            "betas": engine.models.betas, "grid": grid}
+            "betas": engine.models.betas}
     write_results(out, meta, records)
     print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
 
 
 def write_results(out: Path, meta: dict, records: list[dict]):
     """tradeoff.json (meta + summary), tradeoff_samples.jsonl, tradeoff.png; prints the table."""
-    grid = meta.get("grid") or weight_grid(list(meta["values"]), meta["values"])
-    summary = summarise(records, grid)
+    summary = summarise(records, weight_grid(list(meta["values"]), meta["values"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "tradeoff.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
     (out / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

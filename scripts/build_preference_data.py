@@ -177,7 +177,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---- candidate responses --------------------------------------------------------------------
 MARGIN = {"helpfulness": 0.1, "harmlessness": 0.25}
-MAX_PAIRS = {"train": 720, "heldout": 200}  # per objective; seeded subsample above this
+# Pairs per objective and split; seeded subsample above this. Helpfulness keeps all its train pairs
+# (about 1200, mostly best-vs-worst of SmolLM2's own answers, the only ones it learns from).
+MAX_PAIRS = {("helpfulness", "train"): 1200, ("harmlessness", "train"): 720,
+             ("helpfulness", "heldout"): 200, ("harmlessness", "heldout"): 200}
 
 
 def first_sentence(text: str) -> str | None:
@@ -239,10 +242,11 @@ def candidates(row: dict, samples: dict, written: dict, others: list[str], rng: 
 #   refusal beats its own compliance, on benign prompts its own answer beats its own refusal, so
 #   that it learns *when* to decline rather than a refusal style.
 RECIPES = {
-    ("helpfulness", "benign"): [("policy_best", "policy_worst"), ("policy_any", "written_terse"),
+    ("helpfulness", "benign"): [("policy_best", "policy_worst"), ("policy_second", "policy_worst"),
+                                ("policy_best", "policy_third"), ("policy_any", "written_terse"),
                                 ("policy_any", "policy_truncated"), ("policy_any", "policy_offtopic")],
-    ("helpfulness", "harmful"): [("policy_best", "policy_worst"), ("policy_any", "written_terse"),
-                                 ("policy_any", "policy_truncated")],
+    ("helpfulness", "harmful"): [("policy_best", "policy_worst"), ("policy_second", "policy_worst"),
+                                 ("policy_any", "written_terse"), ("policy_any", "policy_truncated")],
     ("harmlessness", "harmful"): [("forced_refusal", "policy_worst"), ("forced_refusal", "policy_any"),
                                   ("written_redirect", "written_compliance"), ("written_redirect", "policy_any"),
                                   ("policy_safety", "policy_any"), ("forced_refusal", "written_compliance"),
@@ -250,9 +254,9 @@ RECIPES = {
     ("harmlessness", "benign"): [("policy_best", "forced_refusal"), ("policy_worst", "forced_refusal"),
                                  ("policy_any", "written_refusal")],
 }
-MUST = {("helpfulness", "benign"): 1, ("helpfulness", "harmful"): 1,
+MUST = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 2,
         ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 2}
-PER_PROMPT = {("helpfulness", "benign"): 3, ("helpfulness", "harmful"): 2,
+PER_PROMPT = {("helpfulness", "benign"): 4, ("helpfulness", "harmful"): 3,
               ("harmlessness", "harmful"): 3, ("harmlessness", "benign"): 2}
 
 
@@ -268,7 +272,8 @@ def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: rand
     plain = sorted((k for k in cands if re.fullmatch(r"policy\d+", k)), key=lambda k: (-scores[k][objective], k))
     if row["family"] == "benign":  # the good end of a benign ranking must be an answer
         plain = [k for k in plain if not scores[k]["refusal"]] + [k for k in plain if scores[k]["refusal"]]
-    alias = {"policy_best": plain[0], "policy_worst": plain[-1], "policy_any": rng.choice(plain)} if plain else {}
+    alias = {"policy_best": plain[0], "policy_second": plain[min(1, len(plain) - 1)], "policy_third": plain[max(0, len(plain) - 2)],
+             "policy_worst": plain[-1], "policy_any": rng.choice(plain)} if plain else {}
     recipes = RECIPES[key][:MUST[key]] + rng.sample(RECIPES[key][MUST[key]:], len(RECIPES[key]) - MUST[key])
     out = []
     for a, b in recipes:
@@ -319,8 +324,9 @@ def build_pairs(rows: list[dict], samples_list: list[dict], seed: int) -> dict:
                 if r["split"] == split:
                     out += prompt_pairs(objective, r, c, s, random.Random(f"{seed}/{objective}/{r['prompt']}"),
                                         cut_off)
-            if len(out) > MAX_PAIRS[split]:
-                keep = set(random.Random(f"{seed}/{objective}/{split}").sample(range(len(out)), MAX_PAIRS[split]))
+            cap = MAX_PAIRS[(objective, split)]
+            if len(out) > cap:
+                keep = set(random.Random(f"{seed}/{objective}/{split}").sample(range(len(out)), cap))
                 out = [p for j, p in enumerate(out) if j in keep]
             pairs[(objective, split)] = out
     return pairs, scores, all_cands

@@ -26,7 +26,7 @@ done
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
 declare -A ARGS=(
-  [helpfulness]="--lr 5e-4 --epochs 1 --eval-every 0"
+  [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
 )
 for obj in helpfulness harmlessness; do

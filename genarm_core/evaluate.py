@@ -94,6 +94,9 @@ def plot(summary: list[dict], path, title: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xs, ys = [s["helpfulness"] for s in summary], [s["harmlessness"] for s in summary]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed = []  # points already labelled: a label near one of them moves down a line
     for s in summary:
         w = s["weights"]
         label = ", ".join(f"{k[:4]}={v:g}" for k, v in w.items())
@@ -101,7 +104,10 @@ def plot(summary: list[dict], path, title: str):
         ax.errorbar(s["helpfulness"], s["harmlessness"], xerr=s["helpfulness_std"], yerr=s["harmlessness_std"],
                     fmt="*" if base else "o", ms=12 if base else 6, capsize=2,
                     color="black" if base else None)
-        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(4, 4),
+        near = sum(abs(s["helpfulness"] - x) / span_x < 0.15 and abs(s["harmlessness"] - y) / span_y < 0.04
+                   for x, y in placed)
+        placed.append((s["helpfulness"], s["harmlessness"]))
+        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(4, 4 - 9 * near),
                     textcoords="offset points")
     ax.set_xlabel("helpfulness judge (mean over held-out prompts)")
     ax.set_ylabel("harmlessness judge (mean)")

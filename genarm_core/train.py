@@ -266,6 +266,15 @@ def _base_source(c: TrainConfig):
     return profile.base, chat, c.system_prompt if c.system_prompt is not None else profile.system_prompt
 
 
+def sort_target_modules(config_path: Path) -> None:
+    """PEFT writes target_modules from a set, in a different order each run; sort it so that
+    retraining with the same settings gives the same adapter_config.json."""
+    cfg = json.loads(config_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def train_arm(c: TrainConfig) -> dict:
     """Trains one ARM and writes the adapter folder; returns what happened (metrics, paths)."""
     from accelerate import Accelerator
@@ -389,6 +398,7 @@ def train_arm(c: TrainConfig) -> dict:
         # the base weights are frozen: the adapter holds the LoRA matrices only, even with lm_head targeted
         accelerator.unwrap_model(model).save_pretrained(str(out), safe_serialization=True,
                                                         save_embedding_layers=False)
+        sort_target_modules(out / "adapter_config.json")
         (out / ARM_METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
     log.write({"event": "end", "step": step, "train_seconds": train_seconds,
                "pairs_per_s": pairs_seen / max(train_seconds, 1e-9), "peak_rss_mb": peak_memory_mb()})

@@ -178,7 +178,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # ---- candidate responses --------------------------------------------------------------------
 MARGIN = {"helpfulness": 0.1, "harmlessness": 0.25}
 # Pairs per objective and split; seeded subsample above this. Helpfulness keeps all its train pairs
-# (about 1200, mostly best-vs-worst of SmolLM2's own answers, the only ones it learns from).
+# (1197, 45% of them between two of SmolLM2's own answers).
 MAX_PAIRS = {("helpfulness", "train"): 1200, ("harmlessness", "train"): 720,
              ("helpfulness", "heldout"): 200, ("harmlessness", "heldout"): 200}
 
@@ -272,8 +272,11 @@ def prompt_pairs(objective: str, row: dict, cands: dict, scores: dict, rng: rand
     plain = sorted((k for k in cands if re.fullmatch(r"policy\d+", k)), key=lambda k: (-scores[k][objective], k))
     if row["family"] == "benign":  # the good end of a benign ranking must be an answer
         plain = [k for k in plain if not scores[k]["refusal"]] + [k for k in plain if scores[k]["refusal"]]
-    alias = {"policy_best": plain[0], "policy_second": plain[min(1, len(plain) - 1)], "policy_third": plain[max(0, len(plain) - 2)],
-             "policy_worst": plain[-1], "policy_any": rng.choice(plain)} if plain else {}
+    alias = {}
+    if plain:  # ranks clamp when a prompt has fewer samples
+        last = len(plain) - 1
+        alias = {"policy_best": plain[0], "policy_second": plain[min(1, last)], "policy_third": plain[max(0, last - 1)],
+                 "policy_worst": plain[last], "policy_any": rng.choice(plain)}
     recipes = RECIPES[key][:MUST[key]] + rng.sample(RECIPES[key][MUST[key]:], len(RECIPES[key]) - MUST[key])
     out = []
     for a, b in recipes:

@@ -10,8 +10,7 @@
 # - An NLL term on the chosen answers (--nll-weight): without it, a harmlessness ARM trained to
 #   94% held-out accuracy had collapsed into "I I I ..." as a guide.
 # - Both at lr 1e-3. Harmlessness is the harder preference (same-style answers and refusals whose
-#   order flips with the prompt) and gets two epochs; helpfulness one over its larger set (at lr
-#   5e-4 on 720 pairs, a first version barely moved its judge in decoding).
+#   order flips with the prompt) and gets two epochs; helpfulness one over its larger set.
 # - Held-out accuracy on a fixed random 120 of the 200 held-out pairs (CPU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,10 +1,12 @@
 """Trade-off evaluation: generate on held-out prompts across a grid of ARM weights and several
 seeds, judge every answer, and summarise each setting (judge means with their spread across
-seeds, refusal rates, each ARM's trajectory reward). All grid points of one prompt decode as
-panes of one batch with shared random draws, so settings differ only by their weights."""
+seeds, refusal rates, each ARM's trajectory reward, helpfulness against the base's paired by
+prompt). All grid points of one prompt decode as panes of one batch with shared random draws, so
+settings differ only by their weights."""
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 import time
 
@@ -61,9 +63,34 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def paired_gain(records: list[dict], setting: dict, baseline: dict, key: str = "helpfulness",
+                family: str | None = None, draws: int = 2000, seed: int = 0) -> dict | None:
+    """The mean difference of a judge score between two settings on the same prompts and seeds,
+    with a 95% percentile bootstrap interval. Differences are averaged over seeds per prompt and
+    the bootstrap resamples prompts, since answers to one prompt are not independent."""
+    def scores(w):
+        return {(r["prompt"], r["seed"]): r[key] for r in records
+                if r["weights"] == w and (family is None or r["family"] == family)}
+
+    a, b = scores(setting), scores(baseline)
+    per_prompt: dict[str, list[float]] = {}
+    for (prompt, s), value in a.items():
+        if (prompt, s) in b:
+            per_prompt.setdefault(prompt, []).append(value - b[(prompt, s)])
+    diffs = [statistics.fmean(v) for v in per_prompt.values()]
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return {"mean": statistics.fmean(diffs), "low": means[int(0.025 * draws)],
+            "high": means[int(0.975 * draws) - 1], "prompts": len(diffs)}
+
+
 def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
-    """Per setting: each metric's mean over prompts and seeds, and the std of the per-seed means."""
+    """Per setting: each metric's mean over prompts and seeds, the std of the per-seed means, and
+    (when the grid has the all-zero setting) helpfulness against the base's, paired by prompt."""
     seeds = sorted({r["seed"] for r in records})
+    base = next((w for w in grid if not any(w.values())), None)
     out = []
     for w in grid:
         rows = [r for r in records if r["weights"] == w]
@@ -83,6 +110,9 @@ def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
             per_seed = [fn([r for r in rows if r["seed"] == s]) for s in seeds]
             summary[key] = fn(rows)
             summary[f"{key}_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        if base is not None and w != base:
+            summary["helpfulness_vs_base"] = paired_gain(records, w, base)
+            summary["helpfulness_benign_vs_base"] = paired_gain(records, w, base, family="benign")
         out.append(summary)
     return out
 
@@ -118,15 +148,19 @@ def plot(summary: list[dict], path, title: str):
     plt.close(fig)
 
 
+def _gain(g: dict | None) -> str:
+    return "-" if not g else f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
+
+
 def markdown_table(summary: list[dict]) -> str:
     names = list(summary[0]["weights"])
     head = ("| " + " | ".join(names) + " | helpfulness | harmlessness | helpfulness (benign) | "
-            "refusals (harmful) | refusals (benign) |")
-    lines = [head, "|" + "---|" * (len(names) + 5)]
+            "benign helpfulness vs base [95% CI] | refusals (harmful) | refusals (benign) |")
+    lines = [head, "|" + "---|" * (len(names) + 6)]
     for s in summary:
         ws = " | ".join(f"{s['weights'][n]:g}" for n in names)
         lines.append(f"| {ws} | {s['helpfulness']:.3f} ± {s['helpfulness_std']:.3f} | "
                      f"{s['harmlessness']:.3f} ± {s['harmlessness_std']:.3f} | "
                      f"{s['helpfulness_benign']:.3f} ± {s['helpfulness_benign_std']:.3f} | "
-                     f"{100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
+                     f"{_gain(s.get('helpfulness_benign_vs_base'))} | {100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
     return "\n".join(lines)

@@ -12,9 +12,15 @@
 # - Both at lr 1e-3. Harmlessness is the harder preference (same-style answers and refusals whose
 #   order flips with the prompt) and gets two epochs; helpfulness one over its larger set.
 # - Held-out accuracy on a fixed random 120 of the 200 held-out pairs (CPU time).
+# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for obj in helpfulness harmlessness; do
+objectives=("$@")
+[ ${#objectives[@]} -gt 0 ] || objectives=(helpfulness harmlessness)
+for obj in "${objectives[@]}"; do
+  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || { echo "unknown objective: $obj" >&2; exit 2; }
+done
+for obj in "${objectives[@]}"; do
   .venv/bin/python - "$obj" <<'PY'
 import random, sys
 obj = sys.argv[1]
@@ -29,7 +35,7 @@ declare -A ARGS=(
   [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
 )
-for obj in helpfulness harmlessness; do
+for obj in "${objectives[@]}"; do
   # shellcheck disable=SC2086
   .venv/bin/python -m genarm_core train --objective "$obj" \
     --data "space_assets/data/${obj}_train.jsonl" --eval-data "space_assets/data/${obj}_heldout_sample.jsonl" \

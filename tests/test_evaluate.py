@@ -3,7 +3,7 @@ import json
 import pytest
 
 from genarm_core import SamplingOptions
-from genarm_core.evaluate import judge_records, markdown_table, plot, run_grid, summarise, weight_grid
+from genarm_core.evaluate import judge_records, markdown_table, paired_gain, plot, run_grid, summarise, weight_grid
 
 
 def test_weight_grid_is_the_cartesian_product():
@@ -19,7 +19,7 @@ def test_summary_means_and_seed_spread():
     for seed, (h0, h1) in enumerate([(0.2, 0.6), (0.4, 1.0)]):
         for w, h in zip(grid, (h0, h1)):
             for family, refusal in (("benign", False), ("harmful", w["a"] > 0)):
-                records.append({"seed": seed, "weights": w, "family": family, "helpfulness": h,
+                records.append({"prompt": family, "seed": seed, "weights": w, "family": family, "helpfulness": h,
                                 "harmlessness": 1 - h, "refusal": refusal, "tokens": 10,
                                 "rewards": {"a": -h}})
     s0, s1 = summarise(records, grid)
@@ -28,6 +28,31 @@ def test_summary_means_and_seed_spread():
     assert s0["refusal_harmful"] == 0 and s1["refusal_harmful"] == 1 and s1["refusal_benign"] == 0
     assert s1["reward_a"] == pytest.approx(-0.8)
     assert "| 1 |" in markdown_table([s0, s1])
+    # paired against the all-zero setting: every benign answer gains 0.4 on seed 0 and 0.6 on seed 1
+    assert "helpfulness_benign_vs_base" not in s0
+    assert s1["helpfulness_benign_vs_base"]["mean"] == pytest.approx(0.5)
+    assert "+0.500 [+0.500, +0.500]" in markdown_table([s0, s1])
+
+
+def test_paired_gain_pairs_by_prompt_and_seed():
+    """Base scores spread over [0, 1] across prompts; one setting adds 0.1 (+-0.02 by seed) to every
+    answer, another +-0.2 by prompt. Paired, the first gain is clear and the second is not."""
+    base, up, mixed = {"a": 0.0}, {"a": 1.0}, {"a": 2.0}
+    records = []
+    for i in range(30):
+        for seed in (0, 1):
+            b = (i * 7 % 30) / 30
+            for w, h in ((base, b), (up, b + 0.1 + (0.02 if seed else -0.02)), (mixed, b + (0.2 if i % 2 else -0.2))):
+                records.append({"prompt": f"p{i}", "seed": seed, "weights": w, "family": "benign" if i < 20 else "harmful",
+                                "helpfulness": h})
+    gain = paired_gain(records, up, base)
+    assert gain["mean"] == pytest.approx(0.1) and gain["prompts"] == 30
+    assert 0.09 < gain["low"] <= 0.1 <= gain["high"] < 0.11  # every prompt gains 0.1 on average over seeds
+    noisy = paired_gain(records, mixed, base)
+    assert noisy["low"] < 0 < noisy["high"]
+    assert paired_gain(records, up, base, family="benign")["prompts"] == 20
+    assert paired_gain(records, up, {"a": 5.0}) is None  # no such setting: nothing to pair
+    assert paired_gain(records, up, base) == gain  # seeded: the same interval every time
 
 
 def test_judge_records_replaces_stale_scores_and_keeps_the_rest():

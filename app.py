@@ -247,9 +247,10 @@ def tradeoff_assets() -> tuple[str | None, str]:
     try:
         data = json.loads(js.read_text())
         meta = data["meta"]
-        text = (f"Judged on {meta['prompts']} held-out prompts (half benign, half harmful) x "
+        text = (f"Judged on {meta['prompts']} held-out prompts (everyday and harmful) x "
                 f"{len(meta['seeds'])} seeds, {meta['options']['max_new_tokens']} tokens per answer; "
-                "mean ± spread across seeds.\n\n" + markdown_table(data["summary"]))
+                "mean ± spread across seeds. *vs base*: everyday helpfulness minus the base's on the "
+                "same prompts and seeds, with a 95% bootstrap interval.\n\n" + markdown_table(data["summary"]))
     except (OSError, KeyError, TypeError, ValueError) as e:
         text = f"`{js.name}` could not be read: {e}"
     return (str(png) if png.exists() else None), text

@@ -126,7 +126,7 @@ def plot(summary: list[dict], path, title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     xs, ys = [s["helpfulness"] for s in summary], [s["harmlessness"] for s in summary]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed = []  # points already labelled: a label near one of them moves down a line
+    placed = []  # (x, y, line) of labelled points: a label near others takes the first free line
     for s in summary:
         w = s["weights"]
         label = ", ".join(f"{k[:4]}={v:g}" for k, v in w.items())
@@ -134,11 +134,13 @@ def plot(summary: list[dict], path, title: str):
         ax.errorbar(s["helpfulness"], s["harmlessness"], xerr=s["helpfulness_std"], yerr=s["harmlessness_std"],
                     fmt="*" if base else "o", ms=12 if base else 6, capsize=2,
                     color="black" if base else None)
-        near = sum(abs(s["helpfulness"] - x) / span_x < 0.15 and abs(s["harmlessness"] - y) / span_y < 0.04
-                   for x, y in placed)
-        placed.append((s["helpfulness"], s["harmlessness"]))
-        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(4, 4 - 9 * near),
-                    textcoords="offset points")
+        taken = {line for x, y, line in placed
+                 if abs(s["helpfulness"] - x) / span_x < 0.15 and abs(s["harmlessness"] - y) / span_y < 0.04}
+        line = next(k for k in itertools.count() if k not in taken)
+        placed.append((s["helpfulness"], s["harmlessness"], line))
+        right = (s["helpfulness"] - min(xs)) / span_x > 0.75  # label to the left, inside the axes
+        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(-4 if right else 4, 4 - 10 * line),
+                    textcoords="offset points", ha="right" if right else "left")
     ax.set_xlabel("helpfulness judge (mean over held-out prompts)")
     ax.set_ylabel("harmlessness judge (mean)")
     ax.set_title(title, fontsize=10)

@@ -139,8 +139,8 @@ def plot(summary: list[dict], path, title: str):
         line = next(k for k in itertools.count() if k not in taken)
         placed.append((s["helpfulness"], s["harmlessness"], line))
         right = (s["helpfulness"] - min(xs)) / span_x > 0.75  # label to the left, inside the axes
-        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, xytext=(-4 if right else 4, 4 - 10 * line),
-                    textcoords="offset points", ha="right" if right else "left")
+        ax.annotate(label, (s["helpfulness"], s["harmlessness"]), fontsize=7, textcoords="offset points",
+                    xytext=(-4 if right else 4, 4 - 10 * line), ha="right" if right else "left")
     ax.set_xlabel("helpfulness judge (mean over held-out prompts)")
     ax.set_ylabel("harmlessness judge (mean)")
     ax.set_title(title, fontsize=10)
@@ -164,5 +164,6 @@ def markdown_table(summary: list[dict]) -> str:
         lines.append(f"| {ws} | {s['helpfulness']:.3f} ± {s['helpfulness_std']:.3f} | "
                      f"{s['harmlessness']:.3f} ± {s['harmlessness_std']:.3f} | "
                      f"{s['helpfulness_benign']:.3f} ± {s['helpfulness_benign_std']:.3f} | "
-                     f"{_gain(s.get('helpfulness_benign_vs_base'))} | {100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
+                     f"{_gain(s.get('helpfulness_benign_vs_base'))} | "
+                     f"{100 * s['refusal_harmful']:.0f}% | {100 * s['refusal_benign']:.0f}% |")
     return "\n".join(lines)

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 BUILTIN_MODELS = {"smollm2-135m-instruct"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models.yaml"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,15 @@ class DecodingDefaults:
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a profile; every switch exists to measure its effect (bench_decode.py)."""
+    shared_trunk: bool = True  # layers below the ARMs' first adapted layer run once per sequence
+    batched_lora: bool = True  # one product per module for all LoRA ARMs (False: one per ARM)
+    forms: str = "auto"  # auto: the product forms measured fastest on this machine; plain: F.linear
+    max_rows: int | None = None  # model rows decoded at once (None: 64 on CPU, 512 on GPU)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     base: ModelSource
@@ -70,6 +77,7 @@ class Profile:
     system_prompt: str | None = None
     max_prompt_tokens: int | None = None
     defaults: DecodingDefaults = field(default_factory=DecodingDefaults)
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     def arm(self, name: str) -> ArmSpec:
         for arm in self.arms:
@@ -175,9 +183,21 @@ def _defaults(data, where: str) -> DecodingDefaults:
     return d
 
 
+def _engine(data, where: str) -> EngineOptions:
+    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "max_rows"})
+    forms = f.get("forms", str, "auto")
+    if forms not in ("auto", "plain"):
+        raise ConfigError(f"{where}.forms: expected auto or plain, got '{forms}'")
+    max_rows = f.get("max_rows", int)
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"{where}.max_rows: expected an integer >= 1, got {max_rows}")
+    return EngineOptions(shared_trunk=f.get("shared_trunk", bool, True), batched_lora=f.get("batched_lora", bool, True),
+                         forms=forms, max_rows=max_rows)
+
+
 def _profile(name: str, data, where: str, root: Path) -> Profile:
     f = _Fields(data, where, {"base", "arms", "description", "device", "dtype", "chat_template",
-                              "system_prompt", "max_prompt_tokens", "defaults"})
+                              "system_prompt", "max_prompt_tokens", "defaults", "engine"})
     arms_data = f.get("arms", list, default=[])
     arms = tuple(_arm(a, f"{where}.arms[{i}]", root) for i, a in enumerate(arms_data))
     names = [a.name for a in arms]
@@ -196,7 +216,8 @@ def _profile(name: str, data, where: str, root: Path) -> Profile:
                    arms=arms, description=f.get("description", str, ""), device=device, dtype=dtype,
                    chat_template=f.get("chat_template", bool, True),
                    system_prompt=f.get("system_prompt", str), max_prompt_tokens=max_prompt,
-                   defaults=_defaults(f.get("defaults", dict, default={}), f"{where}.defaults"))
+                   defaults=_defaults(f.get("defaults", dict, default={}), f"{where}.defaults"),
+                   engine=_engine(f.get("engine", dict, default={}), f"{where}.engine"))
 
 
 def parse_config(data, path: Path | str = "<memory>", root: Path | None = None) -> ModelsConfig:

@@ -1,32 +1,39 @@
-"""The fused decoding engine.
+"""The fused decoding engine: one scheduler steps every running stream together.
 
-Every token: one forward of the shared backbone over all rows (the base and each LoRA ARM, for
-every pane, as one PEFT mixed-adapter batch), one forward per standalone ARM, then the GenARM
-fusion and the sampler (see fusion.py). Weights are read from the panes at every step, so they
-can change while a stream runs. One host sync per token: the chosen ids and their log-probs.
+Every token: one forward of each backbone over every live sequence of every stream (the base
+backbone computes the base and all its LoRA ARMs as rows, see backbone.py; a standalone ARM is
+its own backbone), then the GenARM fusion and the sampler of fusion.py, row by row with each
+stream's own options, weights and random generator. Weights are read from the panes at every
+step, so they can change while a stream runs. One host sync per token: the chosen ids and
+their log-probs.
+
+Streams join between two tokens (after their prompt's prefill) and leave as soon as they finish,
+are cancelled or are dropped; at most `max_rows` model rows run at once, further prompts wait in
+order. A stream's tokens do not depend on what else runs: its prompts are prefilled alone, its
+random draws come from its own generator; only the float rounding of batched products differs
+with the batch's size (about 1e-6 relative), which could change a token only at an exact tie.
 """
 from __future__ import annotations
 
-import copy
 import math
+import queue
 import threading
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache
 
 from . import fusion
+from .backbone import Cache
 from .config import load_config
 from .detokenize import IncrementalDetokenizer, StopStringFilter
+from .errors import RequestError
 from .models import LoadedModels, load_models
 from .prompts import prompt_ids, prompt_is_empty, response_ids
+from .worker import WORKER
 
-BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-class RequestError(ValueError):
-    """A bad request: unknown ARM, bad weight, empty or oversized prompt, bad option."""
+SEED_MAX = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,8 @@ class SamplingOptions:
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
              "an integer >= 1"),
-            (isinstance(self.seed, int), "seed", "an integer"),
+            (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX, "seed",
+             f"an integer in [0, {SEED_MAX}]"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -111,171 +119,105 @@ class Completion:
         return {n: betas[n] * sum(lps) for n, lps in self.logprobs_arms.items()}
 
 
-def adapter_rows(lora: list[str], n: int) -> dict:
-    """PEFT's mixed-batch argument for n sequences: the base rows, then each adapter's rows."""
-    return {"adapter_names": [name for name in [BASE_ROW, *lora] for _ in range(n)]} if lora else {}
-
-
-def repeat_rows(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
-    return t.repeat(times, 1) if t is not None else None
-
-
-class _Batch:
-    """Decoding state of S sequences (prompt x pane) across the backbone and standalone ARMs.
-
-    Backbone rows are grouped by model: row j * S + s is model j (0 = base, then the LoRA ARMs)
-    for sequence s, so PEFT's per-adapter split takes contiguous slices.
-    """
-
-    def __init__(self, models: LoadedModels, prompts: list[list[int]], seq_prompt: list[int]):
-        self.m = models
-        self.lora = models.lora_arms
-        self.M = 1 + len(self.lora)
-        self.seq_prompt = seq_prompt
-        self.caches: dict[str, DynamicCache] = {}  # filled by prefill
-        lengths = [len(p) for p in prompts]
-        self.padded = len(set(lengths)) > 1
-        width = max(lengths)
-        dev = models.device
-        pad = models.tokenizer.pad_token_id
-        self.prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
-        self.prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-        self.seq_index = torch.tensor(seq_prompt, device=dev)
-        self.positions = torch.tensor([lengths[p] for p in seq_prompt], device=dev)  # next position per seq
-        self.mask = self.prompt_mask[self.seq_index] if self.padded else None  # [S, L]
-
-    def _forward(self, model, cache, ids, mask, positions, extra):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
-        return out.logits[:, -1, :self.m.vocab_size]
-
-    @torch.inference_mode()
-    def prefill(self, prefix_cache: "PrefixCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs each distinct prompt once per model, then copies the caches out to every pane.
-        A single prompt seen recently is taken from `prefix_cache` (its KV caches do not depend
-        on the weights, so a slider release restarts without re-reading the prompt)."""
-        P, S, M = self.prompt_ids.shape[0], len(self.seq_prompt), self.M
-        key = tuple(self.prompt_ids[0].tolist()) if P == 1 and prefix_cache is not None else None
-        hit = prefix_cache.get(key) if key else None
-        if hit is None:
-            caches, logits = self._run_prompts()
-            if key:
-                prefix_cache.put(key, (caches, logits))
-        else:
-            caches, logits = hit
-        expand = torch.cat([j * P + self.seq_index for j in range(M)])
-        self.caches["backbone"] = caches["backbone"]
-        self.caches["backbone"].batch_select_indices(expand)
-        standalone = []
-        for name in self.m.standalone:
-            self.caches[name] = caches[name]
-            self.caches[name].batch_select_indices(self.seq_index)
-            standalone.append(fusion.token_logprobs(logits[name][self.seq_index]))
-        lp = fusion.token_logprobs(logits["backbone"][expand]).view(M, S, -1)
-        return self._split(lp, standalone)
-
-    def _run_prompts(self):
-        """Fresh caches and last-position logits of every model over the distinct prompts."""
-        P, M = self.prompt_ids.shape[0], self.M
-        positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        mask = self.prompt_mask if self.padded else None
-        caches = {name: DynamicCache() for name in ["backbone", *self.m.standalone]}
-        logits = {"backbone": self._forward(self.m.backbone, caches["backbone"], repeat_rows(self.prompt_ids, M),
-                                            repeat_rows(mask, M), repeat_rows(positions, M),
-                                            adapter_rows(self.lora, P))}
-        for name, model in self.m.standalone.items():
-            logits[name] = self._forward(model, caches[name], self.prompt_ids, mask, positions, {})
-        return caches, logits
-
-    def _split(self, backbone_lp, standalone_lp):
-        """Base log-probs [S, V] and ARM log-probs [S, N, V] in the profile's ARM order."""
-        dev = self.m.device  # with device_map="auto" the logits may come out on another GPU
-        backbone_lp = backbone_lp.to(dev)
-        by_name = dict(zip(self.lora, backbone_lp[1:]))
-        by_name.update((n, lp.to(dev)) for n, lp in zip(self.m.standalone, standalone_lp))
-        names = self.m.arm_names
-        base = backbone_lp[0]
-        arms = torch.stack([by_name[n] for n in names], 1) if names else base.new_zeros(base.shape[0], 0, base.shape[1])
-        return base, arms
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor):
-        """Feeds one new token per sequence; returns the next base and ARM log-probs."""
-        S, M = tokens.shape[0], self.M
-        ids = tokens.view(S, 1)
-        positions = self.positions.view(S, 1)
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(S, 1)], 1)
-        logits = self._forward(self.m.backbone, self.caches["backbone"], repeat_rows(ids, M),
-                               repeat_rows(self.mask, M), repeat_rows(positions, M), adapter_rows(self.lora, S))
-        standalone = [fusion.token_logprobs(self._forward(model, self.caches[name], ids, self.mask,
-                                                          positions, {}))
-                      for name, model in self.m.standalone.items()]
-        self.positions = self.positions + 1
-        return self._split(fusion.token_logprobs(logits).view(M, S, -1), standalone)
-
-    @torch.inference_mode()
-    def keep(self, alive: torch.Tensor):
-        """Drops finished sequences (alive: indices into the current sequences)."""
-        S = self.positions.shape[0]
-        self.caches["backbone"].batch_select_indices(torch.cat([j * S + alive for j in range(self.M)]))
-        for name in self.m.standalone:
-            self.caches[name].batch_select_indices(alive)
-        self.positions = self.positions[alive]
-        if self.mask is not None:
-            self.mask = self.mask[alive]
-
-    def free(self):
-        self.caches = {}
-
-
 class PrefixCache:
-    """The last few prompts' KV caches and logits, keyed by token ids. Entries are copied on
-    the way in and out, so decoding never alters them."""
+    """The last few prompts' cache entries and first log-probs per backbone, keyed by token ids.
+    Entries are never written to (joining the batch copies them), so they can be shared."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 8):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
         self.hits = 0
+        self._lock = threading.Lock()
 
     def get(self, key):
-        if key not in self.entries:
-            return None
-        self.entries.move_to_end(key)
-        self.hits += 1
-        return copy.deepcopy(self.entries[key])
+        with self._lock:
+            if key not in self.entries:
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return self.entries[key]
 
     def put(self, key, value):
-        self.entries[key] = copy.deepcopy(value)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with self._lock:
+            self.entries[key] = value
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self):
+        with self._lock:
+            self.entries.clear()
+
+
+# ---- requests and streams ---------------------------------------------------------------------
+_END = object()
+
+
+class _Request:
+    """What the scheduler knows of one stream: its prompts, panes, options and output queue.
+    Holds no reference to the Stream, so a dropped Stream can be collected (and cancels)."""
+
+    def __init__(self, prompts: list[list[int]], panes: list[Pane], options: SamplingOptions):
+        self.prompts, self.panes, self.options = prompts, panes, options
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
+        self.running = 0  # sequences in the batch
+        self.generators: dict[int, torch.Generator] = {}
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return len(self.panes)
+
+    def final_events(self, prompt: int, reason: str) -> list[TokenEvent]:
+        return [TokenEvent(prompt, k, 0, -1, "", float("nan"), {}, float("nan"), p.weights, reason)
+                for k, p in enumerate(self.panes)]
 
 
 class Stream:
-    """An iterator of steps; each step is a list of TokenEvents, one per pane still running.
-    `cancel()` (from any thread) ends it before the next forward pass and frees its caches."""
+    """An iterator of steps; each step is a list of TokenEvents of this stream's sequences that
+    advanced in one scheduler step (one per running pane). `cancel()` (from any thread) ends it
+    before the next token; a stream that is closed or garbage-collected is cancelled too."""
 
-    def __init__(self, engine: "Engine", prompts, panes: list[Pane], options: SamplingOptions):
-        self._cancel = threading.Event()
-        self.batch: _Batch | None = None
-        self.panes = panes
-        self._gen = engine._run(prompts, panes, options, self)
+    def __init__(self, engine: "Engine", request: _Request):
+        self._request = request
+        self.panes = request.panes
+        self._done = False
+        self._finalizer = weakref.finalize(self, request.cancelled.set)
+        engine.scheduler.submit(request)
+        self._scheduler = engine.scheduler
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[TokenEvent]:
-        return next(self._gen)
+        if self._done:
+            raise StopIteration
+        item = self._request.out.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
 
     def cancel(self):
-        self._cancel.set()
+        self._request.cancelled.set()
+        self._scheduler.wake()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._request.cancelled.is_set()
+
+    @property
+    def queued(self) -> bool:
+        """True while none of this stream's prompts has started (the batch is full)."""
+        r = self._request
+        return r.running == 0 and len(r.waiting) == len(r.prompts) and not self._done
 
     def close(self):
-        self._gen.close()
+        self.cancel()
+        self._done = True
 
     def __enter__(self):
         return self
@@ -284,14 +226,259 @@ class Stream:
         self.close()
 
 
+# ---- the scheduler ----------------------------------------------------------------------------
+@dataclass
+class _Seq:
+    request: _Request
+    prompt: int
+    pane: int
+    detok: IncrementalDetokenizer
+    stop: StopStringFilter
+    step: int = 0
+
+
+class Scheduler:
+    """Steps all live sequences of one engine together, on the worker thread (worker.py).
+
+    Batch state, in batch order: `seqs`, one Cache per backbone, and the next-token log-probs of
+    every sequence (`base_lp` [S, V], `arm_lp` [S, N, V]).
+    """
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.m: LoadedModels = engine.models
+        self.max_rows = engine.models.max_rows
+        self._lock = threading.Lock()
+        self._waiting: deque[_Request] = deque()
+        self.seqs: list[_Seq] = []
+        self.caches: list[Cache] = []
+        self.base_lp = self.arm_lp = None
+        self.steps = 0  # batched forward steps run (for tests and monitoring)
+
+    # -- called from any thread
+    def submit(self, request: _Request):
+        with self._lock:
+            self._waiting.append(request)
+        WORKER.wake(self)
+
+    def wake(self):
+        WORKER.wake(self)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.seqs or self._waiting)
+
+    @property
+    def rows_in_flight(self) -> int:
+        return len(self.seqs) * self.m.rows_per_sequence
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- called on the worker thread
+    def run_once(self) -> bool:
+        """One scheduler step; False when there was nothing to do."""
+        if not self.has_work():
+            self._reset()
+            return False
+        try:
+            with torch.inference_mode():
+                self._iteration()
+        except Exception as e:  # noqa: BLE001 - delivered to every stream in the batch
+            self._fail(e)
+        return True
+
+    def _iteration(self):
+        self._drop_cancelled_waiting()
+        self._admit()
+        self._drop_cancelled()
+        if not self.seqs:
+            return
+        tokens = self._choose_and_emit()
+        if self.seqs:
+            self._forward(tokens)
+
+    def _drop_cancelled_waiting(self):
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            events = [ev for p in r.waiting for ev in r.final_events(p, "cancelled")]
+            r.waiting.clear()
+            if events:
+                r.out.put(events)
+            if r.running == 0:
+                r.out.put(_END)
+
+    def _admit(self):
+        """Prefills waiting prompts, in order, while their rows fit (the first always fits)."""
+        entries, base, arms = [[] for _ in self.m.backbones], [], []
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    break
+                r = self._waiting[0]
+                rows = r.rows_per_prompt * self.m.rows_per_sequence
+                busy = len(self.seqs) * self.m.rows_per_sequence
+                if busy and busy + rows > self.max_rows:
+                    break
+                p = r.waiting.popleft()
+                if not r.waiting:
+                    self._waiting.popleft()
+            cached, base_lp, arm_lp = self._prefill(r.prompts[p])
+            if r.options.temperature > 0 and p not in r.generators:
+                r.generators[p] = torch.Generator(self.m.device).manual_seed(r.options.seed)
+            for k in range(r.rows_per_prompt):
+                self.seqs.append(_Seq(r, p, k, IncrementalDetokenizer(self.m.tokenizer),
+                                      StopStringFilter(r.options.stop)))
+                for b, entry in enumerate(cached):
+                    entries[b].append(entry)
+                base.append(base_lp)
+                arms.append(arm_lp)
+            r.running += r.rows_per_prompt
+        if not base:
+            return
+        if not self.caches:
+            self.caches = [Cache(bb) for bb in self.m.backbones]
+        for cache, new in zip(self.caches, entries):
+            cache.append(new)
+        new_base, new_arms = torch.stack(base), torch.stack(arms)
+        self.base_lp = new_base if self.base_lp is None else torch.cat([self.base_lp, new_base])
+        self.arm_lp = new_arms if self.arm_lp is None else torch.cat([self.arm_lp, new_arms])
+
+    def _prefill(self, ids: list[int]):
+        """Cache entries per backbone and the first log-probs ([V], [N, V]) of one prompt."""
+        key = tuple(ids)
+        hit = self.engine.prefix_cache.get(key)
+        if hit is None:
+            outputs = [bb.prefill(ids) for bb in self.m.backbones]
+            entries = [e for e, _ in outputs]
+            base_lp, arm_lp = self.m.split_rows([fusion.token_logprobs(lg) for _, lg in outputs])
+            hit = (entries, base_lp[0], arm_lp[0])
+            self.engine.prefix_cache.put(key, hit)
+        return hit
+
+    def _drop_cancelled(self):
+        gone = [i for i, s in enumerate(self.seqs) if s.request.cancelled.is_set()]
+        if not gone:
+            return
+        by_request: dict[int, list[TokenEvent]] = {}
+        for i in gone:
+            s = self.seqs[i]
+            by_request.setdefault(id(s.request), []).append(
+                TokenEvent(s.prompt, s.pane, s.step, -1, "", float("nan"), {}, float("nan"),
+                           s.request.panes[s.pane].weights, "cancelled"))
+        self._remove(gone, by_request)
+
+    def _choose_and_emit(self) -> torch.Tensor:
+        """Fuses and samples one token for every sequence, emits the events, drops the finished."""
+        m, seqs = self.m, self.seqs
+        weights = [s.request.panes[s.pane].weights for s in seqs]
+        w = torch.tensor([[ws.get(n, 0.0) for n in m.arm_names] for ws in weights],
+                         device=m.device, dtype=torch.float32)
+        opts = [s.request.options for s in seqs]
+        score = fusion.fuse(self.base_lp, self.arm_lp, w, normalised=torch.tensor(
+            [[o.normalised] for o in opts], device=m.device))
+        temps = [o.temperature for o in opts]
+        logits = fusion.sampling_logits(score, temps, [o.top_k for o in opts], [o.top_p for o in opts])
+        noise = self._noise(score.shape[-1])
+        tokens = fusion.choose(logits, temps, noise)
+        pick = tokens[:, None]
+        fused_lp = score.gather(-1, pick) - torch.logsumexp(score, -1, keepdim=True)
+        arm_pick = self.arm_lp.gather(-1, pick[:, None, :].expand(-1, self.arm_lp.shape[1], 1)).squeeze(-1)
+        eos = torch.isin(tokens, torch.tensor(m.eos_ids or [-1], device=m.device))
+        packed = torch.cat([tokens[:, None].float(), self.base_lp.gather(-1, pick), arm_pick, fused_lp,
+                            eos[:, None].float()], -1).tolist()  # the one host sync of the step
+        events: dict[int, list[TokenEvent]] = {}
+        finished = []
+        for i, (s, row) in enumerate(zip(seqs, packed)):
+            token, lp_base, *lp_arms, lp_fused, is_eos = row
+            token, last = int(token), s.step == s.request.options.max_new_tokens - 1
+            if is_eos:
+                text, reason = s.stop.push(s.detok.flush()) + s.stop.flush(), "eos"
+            else:
+                text = s.stop.push(s.detok.push(token))
+                reason = "stop" if s.stop.stopped else None
+                if reason is None and last:
+                    text += s.stop.push(s.detok.flush()) + s.stop.flush()
+                    reason = "length"
+            events.setdefault(id(s.request), []).append(
+                TokenEvent(s.prompt, s.pane, s.step, token, text, lp_base, dict(zip(m.arm_names, lp_arms)),
+                           lp_fused, weights[i], reason))
+            s.step += 1
+            if reason:
+                finished.append(i)
+        keep = [i for i in range(len(seqs)) if i not in set(finished)]
+        self._remove(finished, events)
+        return tokens[keep] if finished else tokens
+
+    def _noise(self, V: int) -> torch.Tensor | None:
+        """One Gumbel draw per (stream, prompt) per step, shared by that prompt's panes."""
+        groups: dict[tuple[int, int], int] = {}
+        index, draws = [], []
+        for s in self.seqs:
+            g = s.request.generators.get(s.prompt)
+            if g is None:
+                index.append(-1)
+                continue
+            key = (id(s.request), s.prompt)
+            if key not in groups:
+                groups[key] = len(draws)
+                draws.append(fusion.gumbel_noise(g, (V,)))
+            index.append(groups[key])
+        if not draws:
+            return None
+        table = torch.stack(draws + [draws[0].new_zeros(V)])  # row -1: greedy sequences
+        return table[torch.tensor(index, device=table.device)]
+
+    def _remove(self, rows: list[int], events: dict[int, list[TokenEvent]]):
+        """Drops sequences at these batch positions and delivers the events of this step."""
+        if rows:
+            dead = set(rows)
+            alive = [i for i in range(len(self.seqs)) if i not in dead]
+            for i in rows:
+                self.seqs[i].request.running -= 1
+            requests = {id(self.seqs[i].request): self.seqs[i].request for i in range(len(self.seqs))}
+            for cache in self.caches:
+                cache.keep(alive)
+            index = torch.tensor(alive, device=self.m.device, dtype=torch.long)
+            self.base_lp, self.arm_lp = self.base_lp[index], self.arm_lp[index]
+            self.seqs = [self.seqs[i] for i in alive]
+        else:
+            requests = {id(s.request): s.request for s in self.seqs}
+        for rid, evs in events.items():
+            r = requests[rid]
+            r.out.put(evs)
+            if r.running == 0 and not r.waiting:
+                r.out.put(_END)
+
+    def _forward(self, tokens: torch.Tensor):
+        outputs = [fusion.token_logprobs(bb.step(cache, tokens)) for bb, cache in zip(self.m.backbones, self.caches)]
+        self.base_lp, self.arm_lp = self.m.split_rows(outputs)
+        self.steps += 1
+
+    def _fail(self, error: Exception):
+        requests = {id(s.request): s.request for s in self.seqs}
+        self.seqs = []
+        self._reset()
+        for r in requests.values():
+            r.out.put(error)
+
+    def _reset(self):
+        self.seqs, self.caches, self.base_lp, self.arm_lp = [], [], None, None
+
+
+# ---- the engine -------------------------------------------------------------------------------
 class Engine:
     def __init__(self, models: LoadedModels):
         self.models = models
         self.profile = models.profile
         self.tokenizer = models.tokenizer
         self.arm_names = models.arm_names
-        self._lock = threading.Lock()  # PEFT's adapter_names hooks are not thread-safe
-        self.prefix_cache = PrefixCache()  # used under the lock
+        self.prefix_cache = PrefixCache()
+        self.scheduler = Scheduler(self)
 
     @classmethod
     def from_profile(cls, name: str | None = None, config_path=None) -> "Engine":
@@ -301,10 +488,12 @@ class Engine:
     def check_weights(self, weights: dict | None, normalised: bool = False) -> dict[str, float]:
         """Unknown names, non-numbers, NaN and values outside the ARM's range are refused;
         ARMs not named get weight 0 (off)."""
+        if weights is not None and not isinstance(weights, dict):
+            raise RequestError(f"weights: expected a mapping of ARM name to number, got {type(weights).__name__}")
         weights = dict(weights or {})
         unknown = set(weights) - set(self.arm_names)
         if unknown:
-            raise RequestError(f"unknown ARM(s) {', '.join(sorted(unknown))}; this profile's ARMs: "
+            raise RequestError(f"unknown ARM(s) {', '.join(sorted(map(str, unknown)))}; this profile's ARMs: "
                                f"{', '.join(self.arm_names) or 'none'}")
         out = {}
         for arm in self.profile.arms:
@@ -326,7 +515,12 @@ class Engine:
         if not isinstance(prompt, (str, list)) or prompt_is_empty(prompt):
             raise RequestError("prompt is empty")
         ids = prompt_ids(self.tokenizer, prompt, self.profile.chat_template, self.profile.system_prompt)
+        return self.check_ids(ids, max_new_tokens)
+
+    def check_ids(self, ids: list[int], max_new_tokens: int = 0) -> list[int]:
         limit = self.profile.max_prompt_tokens
+        if not ids:
+            raise RequestError("prompt is empty")
         if limit and len(ids) > limit:
             raise RequestError(f"prompt is {len(ids)} tokens; this profile accepts at most {limit}")
         context = self.models.context_length
@@ -337,15 +531,28 @@ class Engine:
 
     # ---- decoding ---------------------------------------------------------------------------
     def stream(self, prompt, panes, options: SamplingOptions | None = None) -> Stream:
-        """Streams one prompt under several panes (weight settings) in one batch. The panes share
-        their random draws, so panes with equal weights give equal text."""
+        """Streams one prompt under several panes (weight settings). The panes share their random
+        draws, so panes with equal weights give equal text."""
         options = (options or SamplingOptions()).validated()
+        panes = self._panes(panes, options)
+        return Stream(self, _Request([self.encode(prompt, options.max_new_tokens)], panes, options))
+
+    def stream_ids(self, prompts: list[list[int]], panes, options: SamplingOptions | None = None) -> Stream:
+        """Like `stream` for prompts already tokenised (several prompts: one request)."""
+        options = (options or SamplingOptions()).validated()
+        panes = self._panes(panes, options)
+        encoded = [self.check_ids(list(p), options.max_new_tokens) for p in prompts]
+        if not encoded:
+            raise RequestError("at least one prompt is needed")
+        return Stream(self, _Request(encoded, panes, options))
+
+    def _panes(self, panes, options) -> list[Pane]:
         panes = [p if isinstance(p, Pane) else Pane(p) for p in panes]
         if not panes:
             raise RequestError("at least one pane (weight setting) is needed")
         for p in panes:
             p.set_weights(self.check_weights(p.weights, options.normalised))
-        return Stream(self, [self.encode(prompt, options.max_new_tokens)], panes, options)
+        return panes
 
     def generate(self, prompts, weights=None, options: SamplingOptions | None = None):
         """One-shot batched generation. weights: a dict (one setting: returns a Completion per
@@ -358,99 +565,13 @@ class Engine:
         panes = [Pane(self.check_weights(w, options.normalised)) for w in (weights if many else [weights])]
         encoded = [self.encode(p, options.max_new_tokens) for p in prompts]
         results = [[Completion() for _ in panes] for _ in prompts]
-        for step in Stream(self, encoded, panes, options):
+        for step in Stream(self, _Request(encoded, panes, options)):
             for ev in step:
                 results[ev.prompt][ev.pane].add(ev)
         results = results if many else [r[0] for r in results]
         return results[0] if single else results
 
-    def _run(self, prompts: list[list[int]], panes: list[Pane], options: SamplingOptions, stream: Stream):
-        m = self.models
-        seqs = [(p, k) for p in range(len(prompts)) for k in range(len(panes))]
-        S = len(seqs)
-        # one generator per prompt: a prompt's samples do not depend on what else is in the batch
-        generators = [torch.Generator(m.device).manual_seed(options.seed) for _ in prompts]
-        detoks = [IncrementalDetokenizer(self.tokenizer) for _ in seqs]
-        stops = [StopStringFilter(options.stop) for _ in seqs]
-        alive = list(range(S))  # sequence numbers still running, in batch order
-        prompt_of = torch.tensor([p for p, _ in seqs], device=m.device)
-        last_weights, w = None, None
-        eos = torch.tensor(m.eos_ids or [-1], device=m.device)
-        try:
-            batch = stream.batch = _Batch(m, prompts, [p for p, _ in seqs])
-            with self._lock:
-                base_lp, arm_lp = batch.prefill(self.prefix_cache)
-            for step in range(options.max_new_tokens):
-                if stream.cancelled:
-                    yield [self._final_event(seqs[s], step, "cancelled", panes) for s in alive]
-                    return
-                weights = [panes[seqs[s][1]].weights for s in alive]
-                if weights != last_weights:  # copy weights to the device only when they change
-                    w = torch.tensor([[ws.get(n, 0.0) for n in self.arm_names] for ws in weights], device=m.device)
-                    last_weights = weights
-                tokens, host = self._choose(base_lp, arm_lp, w, options, generators, prompt_of, eos)
-                events, finished = [], []
-                for row, s in enumerate(alive):
-                    token, lp_base, *lp_arms, lp_fused, is_eos = host[row]
-                    token = int(token)
-                    if is_eos:
-                        text, reason = stops[s].push(detoks[s].flush()) + stops[s].flush(), "eos"
-                    else:
-                        text = stops[s].push(detoks[s].push(token))
-                        reason = "stop" if stops[s].stopped else None
-                        if reason is None and step == options.max_new_tokens - 1:
-                            text += stops[s].push(detoks[s].flush()) + stops[s].flush()
-                            reason = "length"
-                    prompt, pane = seqs[s]
-                    events.append(TokenEvent(prompt, pane, step, token, text, lp_base,
-                                             dict(zip(self.arm_names, lp_arms)), lp_fused,
-                                             weights[row], reason))
-                    if reason:
-                        finished.append(row)
-                yield events
-                if finished:
-                    keep = [row for row in range(len(alive)) if row not in finished]
-                    alive = [alive[row] for row in keep]
-                    if not alive:
-                        return
-                    index = torch.tensor(keep, device=m.device)
-                    batch.keep(index)
-                    tokens, prompt_of, last_weights = tokens[index], prompt_of[index], None
-                if step == options.max_new_tokens - 1:
-                    return
-                if stream.cancelled:
-                    continue  # report the cancel without another forward pass
-                with self._lock:
-                    base_lp, arm_lp = batch.step(tokens)
-        finally:
-            if stream.batch is not None:
-                stream.batch.free()
-            stream.batch = None
-
-    def _final_event(self, seq, step, reason, panes) -> TokenEvent:
-        prompt, pane = seq
-        return TokenEvent(prompt, pane, step, -1, "", float("nan"), {}, float("nan"),
-                          panes[pane].weights, reason)
-
-    @torch.inference_mode()
-    def _choose(self, base_lp, arm_lp, w, options, generators, prompt_of, eos):
-        """Fuses, samples and packs what the host needs into one tensor (one sync)."""
-        score = fusion.fuse(base_lp, arm_lp, w, options.normalised)
-        logits = fusion.sampling_logits(score, options.temperature, options.top_k, options.top_p)
-        noise = None
-        if options.temperature > 0:
-            V = score.shape[-1]
-            noise = torch.stack([fusion.gumbel_noise(g, (V,)) for g in generators])[prompt_of]
-        tokens = fusion.choose(logits, options.temperature, noise)
-        pick = tokens[:, None]
-        fused_lp = score.gather(-1, pick) - torch.logsumexp(score, -1, keepdim=True)
-        packed = torch.cat([tokens[:, None].float(), base_lp.gather(-1, pick),
-                            arm_lp.gather(-1, pick[:, None, :].expand(-1, arm_lp.shape[1], 1)).squeeze(-1),
-                            fused_lp, torch.isin(tokens, eos)[:, None].float()], -1)
-        return tokens, packed.tolist()
-
     # ---- scoring ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(self, prompt, responses, add_eos: bool = True) -> list[dict[str, float]]:
         """Each ARM's trajectory reward beta * sum_t log pi_r(y_t | x, y_<t) of each response,
         the quantity the training loss compares (fusion.sequence_logprob)."""
@@ -467,26 +588,14 @@ class Engine:
     @torch.inference_mode()
     def sequence_logprobs(self, seqs: list[list[int]], prompt_lengths: list[int]) -> dict[str, torch.Tensor]:
         """Sum of each ARM's (and the base's, under "base") log-probs of the tokens after the prompt."""
-        m = self.models
+        start = max(min(prompt_lengths), 1)  # log-probs from the first response position on
         width = max(map(len, seqs))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=m.device)
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=m.device)
-        resp = torch.tensor([[0] * n + [1] * (len(s) - n) + [0] * (width - len(s))
-                             for s, n in zip(seqs, prompt_lengths)], device=m.device)
-        B, M = len(seqs), 1 + len(m.lora_arms)
-        # logits only from the position before the first response token on (prompts need none)
-        start = max(min(prompt_lengths) - 1, 0)
-        keep = {"logits_to_keep": width - start}
-        ids_kept, resp_kept = ids[:, start:], resp[:, start:]
-        with self._lock:
-            logits = m.backbone(input_ids=ids.repeat(M, 1), attention_mask=attn.repeat(M, 1),
-                                **keep, **adapter_rows(m.lora_arms, B)).logits
-        totals = fusion.sequence_logprob(logits[..., :m.vocab_size], ids_kept.repeat(M, 1),
-                                         resp_kept.repeat(M, 1)).view(M, B)
-        out = {"base": totals[0], **dict(zip(m.lora_arms, totals[1:]))}
-        for name, model in m.standalone.items():
-            lg = model(input_ids=ids, attention_mask=attn, **keep).logits[..., :m.vocab_size]
-            out[name] = fusion.sequence_logprob(lg, ids_kept, resp_kept).to(totals.device)
+        resp = torch.tensor([[float(start + t >= n) for t in range(width - start)] for n in prompt_lengths],
+                            device=self.models.device)
+        per_backbone = WORKER.call(lambda: [bb.target_logprobs(seqs, start).to(self.models.device)
+                                            for bb in self.models.backbones])
+        out = {}
+        for b, (bb, lp) in enumerate(zip(self.models.backbones, per_backbone)):
+            for j, name in enumerate(self.models.row_names[b]):
+                out[name] = (lp[:, j] * resp).sum(-1)
         return out
-

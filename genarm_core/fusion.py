@@ -21,44 +21,91 @@ def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def fuse(base_logprobs: torch.Tensor, arm_logprobs: torch.Tensor, weights: torch.Tensor,
-         normalised: bool = False) -> torch.Tensor:
+         normalised=False) -> torch.Tensor:
     """Fused score over the vocabulary.
 
     base_logprobs: [..., V]; arm_logprobs: [..., N, V]; weights: [..., N] (N may be 0).
-    normalised divides by (1 + sum w), which keeps the sharpness constant as weights move.
+    normalised (a bool, or a bool tensor [..., 1] per row) divides by (1 + sum w), which keeps
+    the sharpness constant as weights move.
     """
     score = base_logprobs
     if arm_logprobs.shape[-2] > 0:
         score = score + (weights.unsqueeze(-1).to(arm_logprobs.dtype) * arm_logprobs).sum(-2)
+    if isinstance(normalised, torch.Tensor):
+        scale = 1.0 + weights.sum(-1, keepdim=True).to(score.dtype)
+        return torch.where(normalised, score / scale, score)
     if normalised:
         score = score / (1.0 + weights.sum(-1, keepdim=True).to(score.dtype))
     return score
 
 
-def truncate(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask to -inf everything outside the top-k tokens and outside the top-p nucleus.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches top_p
-    (the most likely token is always kept), as in transformers' TopPLogitsWarper.
-    """
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+NUCLEUS_SHORTLIST = 1024  # top-p looks at this many best tokens first (exact: see truncate)
 
 
-def sampling_logits(score: torch.Tensor, temperature: float, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """What the sampler draws from: score / T, truncated. T = 0 is handled by `choose`."""
-    if temperature > 0:
-        score = score / temperature
+def _rows(value, rows: int) -> list:
+    """One value, or one per row, as a list of `rows` values (host side: no device sync)."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
+def _column(values: list, like: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=like.device)[:, None]
+
+
+def top_k_mask(logits: torch.Tensor, top_k) -> torch.Tensor:
+    """True outside each row's k most likely tokens (top_k: one int or one per row; 0 = off)."""
+    S, V = logits.shape
+    ks = [k if 0 < k < V else 0 for k in _rows(top_k, S)]
+    if not any(ks):
+        return torch.zeros_like(logits, dtype=torch.bool)
+    values = torch.topk(logits, max(ks), dim=-1).values  # [S, kmax], sorted
+    k = _column(ks, logits, torch.long)
+    kth = values.gather(-1, (k - 1).clamp(min=0))
+    return (k > 0) & (logits < kth)
+
+
+def top_p_mask(logits: torch.Tensor, top_p) -> torch.Tensor:
+    """True outside each row's nucleus: the smallest set of most likely tokens whose probability
+    reaches top_p (the most likely token always stays), as in transformers' TopPLogitsWarper.
+
+    Exact and fast on CPU, where sorting 49k logits costs milliseconds per row: the nucleus is
+    looked for among the NUCLEUS_SHORTLIST best tokens first (probabilities normalised over the
+    whole row); only rows whose shortlist holds less than top_p of the mass sort everything."""
+    S, V = logits.shape
+    ps = _rows(top_p, S)
+    on = [p < 1.0 for p in ps]
+    drop = torch.zeros_like(logits, dtype=torch.bool)
+    if not any(on):
+        return drop
+    rows = torch.tensor([i for i, o in enumerate(on) if o], device=logits.device)
+    sub, p = logits[rows], _column([q for q, o in zip(ps, on) if o], logits, logits.dtype)
+    K = min(V, NUCLEUS_SHORTLIST) if logits.device.type == "cpu" else V
+    values, order = torch.topk(sub, K, dim=-1) if K < V else torch.sort(sub, -1, descending=True)
+    probs = torch.exp(values - torch.logsumexp(sub, -1, keepdim=True))
+    before = probs.cumsum(-1) - probs  # mass of the better tokens
+    if K < V and not bool((before[:, -1:] + probs[:, -1:] >= p).all()):
+        values, order = torch.sort(sub, -1, descending=True)  # some nucleus is wider: sort all
+        probs = values.softmax(-1)
+        before = probs.cumsum(-1) - probs
+    keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(-1, order, before < p)
+    drop[rows] = ~keep
+    return drop
+
+
+def truncate(logits: torch.Tensor, top_k=0, top_p=1.0) -> torch.Tensor:
+    """Mask to -inf everything outside the top-k tokens, then outside the top-p nucleus of what
+    remains. logits [S, V]; top_k, top_p: one value or one per row."""
+    logits = logits.masked_fill(top_k_mask(logits, top_k), float("-inf"))
+    return logits.masked_fill(top_p_mask(logits, top_p), float("-inf"))
+
+
+def sampling_logits(score: torch.Tensor, temperature, top_k=0, top_p=1.0) -> torch.Tensor:
+    """What the sampler draws from: score / T, truncated. Rows with T = 0 keep the score (they
+    take its argmax in `choose`)."""
+    ts = _rows(temperature, score.shape[0])
+    if any(t > 0 for t in ts):
+        score = score / _column([t if t > 0 else 1.0 for t in ts], score, score.dtype)
     return truncate(score, top_k, top_p)
 
 
@@ -70,11 +117,15 @@ def gumbel_noise(generator: torch.Generator, shape) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).float()
 
 
-def choose(logits: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """Greedy when temperature == 0, else the Gumbel-max sample with the given noise."""
-    if temperature <= 0 or noise is None:
+def choose(logits: torch.Tensor, temperature, noise: torch.Tensor | None) -> torch.Tensor:
+    """Per row: the argmax when its temperature is 0, else the Gumbel-max sample with its noise."""
+    ts = _rows(temperature, logits.shape[0])
+    if noise is None or not any(t > 0 for t in ts):
         return logits.argmax(-1)
-    return (logits + noise).argmax(-1)
+    sampled = (logits + noise).argmax(-1)
+    if all(t > 0 for t in ts):
+        return sampled
+    return torch.where(_column(ts, logits, logits.dtype)[:, 0] > 0, sampled, logits.argmax(-1))
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

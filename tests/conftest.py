@@ -46,15 +46,18 @@ def save_model(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def make_lora(base, folder: Path, seed: int, r=4, targets=("q_proj", "v_proj", "o_proj")) -> Path:
-    """A LoRA adapter with random (non-zero) weights on both matrices, saved as PEFT does."""
+def make_lora(base, folder: Path, seed: int, r=4, targets=("q_proj", "v_proj", "o_proj"), layers=None,
+              **config) -> Path:
+    """A LoRA adapter with random (non-zero) weights on both matrices, saved as PEFT does.
+    layers: PEFT's layers_to_transform (None: every layer)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                               init_lora_weights=False, task_type="CAUSAL_LM"))
+    config = dict(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
+                  task_type="CAUSAL_LM", layers_to_transform=layers, **config)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:

@@ -18,6 +18,17 @@ def arm_models(tiny):
     return [tiny["help"], tiny["harm"], tiny["small"]]
 
 
+def wait_idle(engine, timeout=30.0):
+    """Waits until the scheduler has no work left (its thread exits when idle)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while engine.scheduler.has_work() and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the worker frees the batch on its next turn
+    assert not engine.scheduler.has_work(), "the scheduler did not go idle"
+
+
 def run_stream(engine, prompt, panes, opts):
     events = [[] for _ in panes]
     for step in engine.stream(prompt, panes, opts):
@@ -77,37 +88,45 @@ def test_fused_decoding_equals_full_recompute(engine, tiny, weights, temperature
 
 
 def test_every_step_distribution_equals_full_recompute(engine, tiny):
-    """The whole vocabulary, not only the chosen token: LoRA rows of one mixed batch equal the
-    merged adapters run as separate models, the standalone ARM equals its own full recompute."""
-    from genarm_core.engine import _Batch
+    """The whole vocabulary, not only the chosen token: LoRA rows of one backbone equal the
+    merged adapters run as separate models, the standalone ARM equals its own full recompute;
+    sequences of different lengths join one cache and one leaves mid-way."""
+    from genarm_core.backbone import Cache
 
+    m = engine.models
     prompts = [engine.encode(p) for p in PROMPTS]
-    batch = _Batch(engine.models, prompts, [0, 0, 1])
     seqs = [list(prompts[0]), list(prompts[0]), list(prompts[1])]
-    base_lp, arm_lp = batch.prefill()
-    for step in range(4):
+    caches = [Cache(bb) for bb in m.backbones]
+    outputs = [[bb.prefill(ids) for ids in seqs] for bb in m.backbones]
+    for cache, outs in zip(caches, outputs):
+        cache.append([entry for entry, _ in outs])
+    base_lp, arm_lp = m.split_rows([torch.cat([torch.log_softmax(lg, -1) for _, lg in outs]) for outs in outputs])
+
+    def check(base_lp, arm_lp, seqs, models):
         for s, ids in enumerate(seqs):
-            ref_base = full_logprobs(tiny["base"], ids)
-            assert torch.allclose(base_lp[s].double(), ref_base, atol=TOL)
-            for i, model in enumerate(arm_models(tiny)):
+            assert torch.allclose(base_lp[s].double(), full_logprobs(tiny["base"], ids), atol=TOL)
+            for i, model in models:
                 assert torch.allclose(arm_lp[s, i].double(), full_logprobs(model, ids), atol=TOL)
+
+    for step in range(4):
+        check(base_lp, arm_lp, seqs, enumerate(arm_models(tiny)))
         tokens = torch.tensor([100 + step, 200 + step, 300 + step])
         for s in range(3):
             seqs[s].append(int(tokens[s]))
-        base_lp, arm_lp = batch.step(tokens)
-    batch.keep(torch.tensor([0, 2]))  # dropping a finished sequence keeps the others intact
+        base_lp, arm_lp = m.split_rows([torch.log_softmax(bb.step(c, tokens), -1) for bb, c in zip(m.backbones, caches)])
+    for cache in caches:  # dropping a finished sequence keeps the others intact
+        cache.keep([0, 2])
     del seqs[1]
-    base_lp, arm_lp = batch.step(torch.tensor([7, 8]))
+    tokens = torch.tensor([7, 8])
     seqs[0].append(7)
     seqs[1].append(8)
-    for s, ids in enumerate(seqs):
-        assert torch.allclose(base_lp[s].double(), full_logprobs(tiny["base"], ids), atol=TOL)
-        assert torch.allclose(arm_lp[s, 1].double(), full_logprobs(tiny["harm"], ids), atol=TOL)
+    base_lp, arm_lp = m.split_rows([torch.log_softmax(bb.step(c, tokens), -1) for bb, c in zip(m.backbones, caches)])
+    check(base_lp, arm_lp, seqs, enumerate(arm_models(tiny)))
 
 
 def test_weak_to_strong_standalone_arm_of_another_size(tiny):
     engine = engine_for(tiny["root"] / "base", [{"name": "small", "model": {"path": str(tiny["root"] / "small")}}])
-    assert engine.models.lora_arms == [] and list(engine.models.standalone) == ["small"]
+    assert engine.models.row_names == [["base"], ["small"]]
     opts = SamplingOptions(temperature=0.0, max_new_tokens=6)
     ids = engine.encode(PROMPTS[0])
     ref = reference_decode(tiny["base"], [tiny["small"]], [2.0], ids, 6)
@@ -181,23 +200,33 @@ def test_cancel_frees_caches_and_reports(engine):
     stream = engine.stream(PROMPTS[0], [{"help": 1.0}, {}], SamplingOptions(max_new_tokens=50))
     first = next(stream)
     assert len(first) == 2 and not first[0].finished
-    caches = [weakref.ref(c) for c in stream.batch.caches.values()]
+    caches = [weakref.ref(c) for c in engine.scheduler.caches]
     assert caches and all(ref() is not None for ref in caches)
     threading.Thread(target=stream.cancel).start()
     rest = list(stream)
-    assert rest[-1][0].finish_reason == "cancelled" and len(rest) <= 2
-    assert stream.batch is None
+    assert rest[-1][0].finish_reason == "cancelled" and len(rest) <= 3
+    wait_idle(engine)
     gc.collect()
-    assert all(ref() is None for ref in caches)
+    assert all(ref() is None for ref in caches) and engine.scheduler.rows_in_flight == 0
 
 
 def test_closing_a_stream_midway_frees_caches(engine):
     stream = engine.stream(PROMPTS[0], [{}], SamplingOptions(max_new_tokens=50))
     next(stream)
-    ref = weakref.ref(stream.batch.caches["backbone"])
+    ref = weakref.ref(engine.scheduler.caches[0])
     stream.close()
+    wait_idle(engine)
     gc.collect()
-    assert ref() is None and stream.batch is None
+    assert ref() is None and engine.scheduler.rows_in_flight == 0
+
+
+def test_a_dropped_stream_is_cancelled(engine):
+    stream = engine.stream(PROMPTS[0], [{}], SamplingOptions(max_new_tokens=200))
+    next(stream)
+    del stream
+    gc.collect()
+    wait_idle(engine)
+    assert engine.scheduler.rows_in_flight == 0
 
 
 def test_score_is_beta_times_response_logprob(engine, tiny, tokenizer):
@@ -273,12 +302,12 @@ def test_prefix_cache_restart_equals_a_fresh_prefill(engine):
     """A restart with new weights reuses the prompt's caches (no prefill) and changes nothing."""
     opts = SamplingOptions(temperature=0.9, max_new_tokens=8, seed=4)
     weights = [{"help": 2.0, "small": 1.0}, {"harm": -1.0}]
-    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.clear()
     fresh = [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)]
     hits = engine.prefix_cache.hits
     for _ in range(2):  # decoding from a cached prefix must not alter the stored entry
         again = [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)]
         assert again == fresh
     assert engine.prefix_cache.hits == hits + 2
-    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.clear()
     assert [[(e.token_id, e.logprob_fused) for e in p] for p in run_stream(engine, PROMPTS[1], weights, opts)] == fresh

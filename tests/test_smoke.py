@@ -1,5 +1,4 @@
 """End-to-end smoke of the real default profile (SmolLM2-135M-Instruct, offline, CPU)."""
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -7,14 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from genarm_core import Engine, SamplingOptions
+from dataclasses import replace
+
+from genarm_core import Engine, SamplingOptions, load_config, load_models
+from genarm_core.worker import WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def default_engine():
-    return Engine.from_profile()
+    """The default profile with its ARMs, in float32 (auto may pick bfloat16, whose rounding
+    differs between any two implementations)."""
+    profile = load_config().profile()
+    return Engine(load_models(replace(profile, dtype="float32")))
 
 
 def test_default_profile_greedy_equals_transformers_generate(default_engine):
@@ -22,10 +27,8 @@ def test_default_profile_greedy_equals_transformers_generate(default_engine):
     result = engine.generate("Name one fruit.", {}, SamplingOptions(temperature=0, max_new_tokens=12))
     assert result.text.strip() and result.token_ids
     ids = torch.tensor([engine.encode("Name one fruit.")], device=engine.models.device)
-    backbone = engine.models.backbone
-    off = backbone.disable_adapter() if hasattr(backbone, "disable_adapter") else contextlib.nullcontext()
-    with off, torch.no_grad():
-        out = backbone.generate(ids, do_sample=False, max_new_tokens=12)
+    with torch.no_grad():
+        out = WORKER.call(engine.models.base_model.generate, ids, do_sample=False, max_new_tokens=12)
     assert result.token_ids == out[0, ids.shape[1]:].tolist()
 
 

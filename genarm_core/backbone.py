@@ -1,0 +1,342 @@
+"""One transformer run as several models at once: its plain weights and its LoRA ARMs.
+
+For every sequence a backbone computes M "row models" (row j: the plain model or one LoRA
+adapter). LoRA ARMs leave the layers below their first adapted layer untouched, so those layers
+(the shared trunk) run once per sequence; at the trunk's top the hidden states fan out to the
+M rows (row s * M + j is model j of sequence s). Every adapted module then adds all adapters'
+deltas with two products per fused projection (lora.LoraGroup). The KV cache follows the same layout: one row
+per sequence below the trunk, M rows above.
+
+The layers are the HF model's own (Llama, Mistral, Qwen2, Qwen3): norms, rotary embedding and
+activation are its modules and functions; the projections run through kernels.Linear (the form
+measured fastest), attention through kernels.attend, with this module's cache.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelLoadError
+from .kernels import Linear, Tuning, attend
+from .lora import HEAD, Adapter, LoraGroup
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    shared_trunk: bool = True  # run layers below the first adapted one once per sequence
+    batched_lora: bool = True  # one product per module for all adapters (False: one per adapter)
+
+
+def check_config(config, what: str):
+    """Refuses, before any weight is read, what the engine cannot run."""
+    config = config.get_text_config()
+    if config.model_type not in SUPPORTED:
+        raise ModelLoadError(f"{what}: architecture '{config.model_type}' is not supported by the "
+                             f"decoding engine (supported: {', '.join(SUPPORTED)})")
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ModelLoadError(f"{what}: sliding-window attention layers are not supported by the engine")
+
+
+def check_supported(model, what: str):
+    check_config(model.config, what)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ModelLoadError(f"{what}: some weights are offloaded (device 'meta'); the engine needs "
+                             "every weight on a device, e.g. a GPU with enough memory or a smaller model")
+
+
+def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight for several projections of the same input; the HF modules' weights become views
+    of it, so the model keeps working and no memory is spent twice."""
+    weight = torch.cat([m.weight.data for m in modules])
+    start = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start:start + n]
+        start += n
+    if all(m.bias is None for m in modules):
+        return weight, None
+    return weight, torch.cat([m.bias.data if m.bias is not None else weight.new_zeros(m.weight.shape[0])
+                              for m in modules])
+
+
+class _Layer:
+    GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+              "down": ("down_proj",)}  # projections that share an input, fused into one product
+
+    def __init__(self, layer, index: int, tuning: Tuning, adapters: list, options: "RunOptions"):
+        att, mlp = layer.self_attn, layer.mlp
+        self.index, self.layer = index, layer
+        self.device = att.q_proj.weight.device
+        self.sizes = [att.q_proj.weight.shape[0], att.k_proj.weight.shape[0], att.v_proj.weight.shape[0]]
+        self.head_dim = att.head_dim
+        self.scale = att.scaling
+        self.q_norm, self.k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+        self.rope = sys.modules[type(att).__module__].apply_rotary_pos_emb
+        self.act = mlp.act_fn
+        qkv_w, qkv_b = _fuse([att.q_proj, att.k_proj, att.v_proj])
+        gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
+        linear = lambda w, b: Linear(w, b, tuning.plan(*w.shape))  # noqa: E731
+        self.qkv, self.gate_up = linear(qkv_w, qkv_b), linear(gu_w, gu_b)
+        self.o, self.down = linear(att.o_proj.weight, att.o_proj.bias), linear(mlp.down_proj.weight, mlp.down_proj.bias)
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        modules = {"q_proj": att.q_proj, "k_proj": att.k_proj, "v_proj": att.v_proj, "o_proj": att.o_proj,
+                   "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+        self.lora: dict[str, LoraGroup] = {}
+        for group, names in self.GROUPS.items():
+            parts, offset = [], 0
+            for name in names:
+                for j, adapter in enumerate(adapters):
+                    if adapter is not None and (index, name) in adapter.weights:
+                        a, b = adapter.weights[(index, name)]
+                        parts.append((j, a, b, offset))
+                offset += modules[name].weight.shape[0]
+            if parts:
+                self.lora[group] = LoraGroup(parts, len(adapters), offset, self.device, options.batched_lora)
+
+    def _lora(self, group, y, x):
+        if group in self.lora:
+            self.lora[group].add_to(y, x)
+
+    def __call__(self, h, cos, sin, attention) -> torch.Tensor:
+        """h [R, T, d]; attention(q, k, v) -> [R, H, T, Dh] reads and writes this layer's cache."""
+        R, T, _ = h.shape
+        x = self.layer.input_layernorm(h)
+        qkv = self.qkv(x)
+        self._lora("qkv", qkv, x)
+        q, k, v = (t.view(R, T, -1, self.head_dim) for t in qkv.split(self.sizes, -1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [R, heads, T, Dh]
+        q, k = self.rope(q, k, cos, sin)
+        o = attention(q, k, v).transpose(1, 2).reshape(R, T, -1)
+        out = self.o(o)
+        self._lora("o", out, o)
+        h = h + out
+        x = self.layer.post_attention_layernorm(h)
+        gu = self.gate_up(x)
+        self._lora("gate_up", gu, x)
+        gate, up = gu.split(self.intermediate, -1)
+        a = self.act(gate) * up
+        out = self.down(a)
+        self._lora("down", out, a)
+        return h + out
+
+
+class Backbone:
+    """A model and the row models run on it (None = the plain weights, else a LoRA Adapter)."""
+
+    def __init__(self, model, rows: list[Adapter | None], vocab_size: int, tuning: Tuning,
+                 options: RunOptions = RunOptions(), name: str = "base"):
+        check_supported(model, name)
+        self.model, self.name, self.options = model, name, options
+        self.M = len(rows)
+        self.vocab_size = vocab_size
+        inner = model.model
+        n_layers = len(inner.layers)
+        adapters = [a for a in rows if a is not None]
+        first = min((a.first_layer for a in adapters), default=n_layers)
+        self.trunk = n_layers if self.M == 1 else (first if options.shared_trunk else 0)
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        config = model.config.get_text_config()
+        self.kv_heads = config.num_key_value_heads
+        self.heads = config.num_attention_heads
+        self.head_dim = inner.layers[0].self_attn.head_dim
+        self.attention_plan = tuning.attention
+        dtype = inner.embed_tokens.weight.dtype
+        # on a CPU attention runs in float32 (see kernels.py); elsewhere in the model's dtype
+        self.cache_dtype = torch.float32 if self.device_type(inner) == "cpu" else dtype
+        self.layers = [_Layer(layer, i, tuning, rows, options) for i, layer in enumerate(inner.layers)]
+        head = model.get_output_embeddings().weight
+        if head.shape[0] < vocab_size:
+            raise ModelLoadError(f"{name}: the model's output has {head.shape[0]} logits but the tokenizer "
+                                 f"has {vocab_size} tokens")
+        self.head = Linear(head[:vocab_size], None, tuning.plan(vocab_size, head.shape[1]))
+        self.head_device = head.device
+        head_parts = [(j, *a.weights[(HEAD, "lm_head")], 0) for j, a in enumerate(rows)
+                      if a is not None and (HEAD, "lm_head") in a.weights]
+        head_parts = [(j, a, b[:vocab_size], off) for j, a, b, off in head_parts]
+        self.head_lora = LoraGroup(head_parts, self.M, vocab_size, head.device, options.batched_lora) if head_parts else None
+        self.device = self.embed.weight.device
+
+    @staticmethod
+    def device_type(inner) -> str:
+        return inner.embed_tokens.weight.device.type
+
+    def _attend(self, form, q, k, v, mask, layer):
+        """Attention in the cache's dtype; the output in the model's."""
+        out = attend(form, q.to(self.cache_dtype), k, v, mask, self.layers[layer].scale)
+        return out.to(q.dtype)
+
+    # ---- one forward over all layers --------------------------------------------------------
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+        """ids, positions [S, T] -> final hidden states [S*M, T, d] (rows fanned out at the trunk).
+        attention(layer_index, q, k, v, rows_per_seq) does the layer's attention."""
+        h = self.embed(ids)
+        cos, sin = self.rotary(h, positions)
+        for layer in self.layers:
+            if layer.index == self.trunk:
+                h, cos, sin = (t.repeat_interleave(self.M, 0) for t in (h, cos, sin))
+            if h.device != layer.device:  # models spread over several GPUs
+                h, cos, sin = h.to(layer.device), cos.to(layer.device), sin.to(layer.device)
+            m = self.M if layer.index >= self.trunk else 1
+            h = layer(h, cos, sin, lambda q, k, v, i=layer.index, m=m: attention(i, q, k, v, m))
+        if self.trunk >= len(self.layers):
+            h = h.repeat_interleave(self.M, 0)
+        return self.norm(h.to(self.norm.weight.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S*M, d] or [S*M, T, d] -> logits over the tokenizer's vocabulary."""
+        hidden = hidden.to(self.head_device)
+        out = self.head(hidden)
+        if self.head_lora is not None:
+            x = hidden if hidden.dim() == 3 else hidden[:, None]
+            self.head_lora.add_to(out if hidden.dim() == 3 else out[:, None], x)
+        return out
+
+    def rows_at(self, layer: int) -> int:
+        return self.M if layer >= self.trunk else 1
+
+    # ---- prefill and scoring ----------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> tuple["CacheEntry", torch.Tensor]:
+        """One prompt: its cache entry and the logits of its last position [M, V]."""
+        T = len(ids)
+        x = torch.tensor([ids], device=self.device)
+        positions = torch.arange(T, device=self.device)[None]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+        kv = [None] * len(self.layers)
+
+        def attention(i, q, k, v, m):
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
+            kv[i] = (k, v)
+            return self._attend("sdpa", q, k, v, causal.to(q.device), i)
+
+        hidden = self._run(x, positions, attention)
+        return CacheEntry(kv, T), self.logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def target_logprobs(self, seqs: list[list[int]], start: int) -> torch.Tensor:
+        """log p(token t | < t) of every token from position `start` on, for each row model:
+        [B, M, L - start] (0 past a sequence's end). One full forward without a cache."""
+        from .fusion import token_logprobs
+
+        B, L = len(seqs), max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs], device=self.device)
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        positions = torch.arange(L, device=self.device).expand(B, L)
+        keys_ok = positions[:, None, None, :] < lengths[:, None, None, None]
+        mask = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()[None, None] & keys_ok
+
+        def attention(i, q, k, v, m):
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
+            return self._attend("sdpa", q, k, v, mask.repeat_interleave(m, 0).to(q.device), i)
+
+        hidden = self._run(ids, positions, attention)  # [B*M, L, d]
+        targets = ids[:, start:].repeat_interleave(self.M, 0)  # [B*M, L - start]
+        out = torch.zeros(B * self.M, L - start, device=self.device)
+        for b in range(B):  # one sequence (its M rows) at a time: logits of every position are large
+            rows = slice(b * self.M, (b + 1) * self.M)
+            lp = token_logprobs(self.logits(hidden[rows, start - 1:L - 1])).to(self.device)  # [M, L', V]
+            out[rows] = lp.gather(-1, targets[rows][..., None])[..., 0]
+        valid = (positions[:, start:] < lengths[:, None]).repeat_interleave(self.M, 0)
+        return (out * valid).view(B, self.M, -1)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, cache: "Cache", tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds one token per sequence [S]; returns the next-token logits [S*M, V]."""
+        S = tokens.shape[0]
+        positions = cache.lengths_t  # [S]: the new token's position is the number before it
+        T = cache.max_length + 1
+        cache.reserve(T)
+        valid = torch.arange(T, device=self.device)[None] <= positions[:, None]  # [S, T]
+        masks = {1: valid[:, None, None], self.M: valid.repeat_interleave(self.M, 0)[:, None, None]}
+        rows = {m: torch.arange(S * m, device=self.device) for m in masks}
+        where = {m: positions.repeat_interleave(m) for m in masks}
+
+        def attention(i, q, k, v, m):
+            K, V = cache.k[i], cache.v[i]
+            K[rows[m].to(K.device), :, where[m].to(K.device)] = k[:, :, 0].to(K.dtype)
+            V[rows[m].to(K.device), :, where[m].to(K.device)] = v[:, :, 0].to(V.dtype)
+            return self._attend(self.attention_plan.form(q.shape[0]), q, K[:, :, :T], V[:, :, :T],
+                                masks[m].to(q.device), i)
+
+        hidden = self._run(tokens[:, None], positions[:, None], attention)
+        cache.advance()
+        return self.logits(hidden[:, 0])
+
+
+@dataclass
+class CacheEntry:
+    """One prompt's keys and values per layer ([rows, KVH, T, Dh] each) and its length."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+
+class Cache:
+    """Keys and values of the live sequences of one backbone, in batch order, sequence-major.
+    Capacity along time grows in chunks; sequences join (`append`) and leave (`keep`)."""
+
+    CHUNK = 128
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.k: list[torch.Tensor | None] = [None] * len(backbone.layers)
+        self.v: list[torch.Tensor | None] = [None] * len(backbone.layers)
+        self.lengths: list[int] = []
+        self.lengths_t = torch.zeros(0, dtype=torch.long, device=backbone.device)
+        self.capacity = 0
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def reserve(self, T: int):
+        if T <= self.capacity:
+            return
+        new = -(-T // self.CHUNK) * self.CHUNK
+        pad = lambda t: None if t is None else torch.nn.functional.pad(t, (0, 0, 0, new - t.shape[2]))  # noqa: E731
+        self.k = [pad(t) for t in self.k]
+        self.v = [pad(t) for t in self.v]
+        self.capacity = new
+
+    def append(self, entries: list[CacheEntry]):
+        """Adds sequences at the end of the batch."""
+        if not entries:
+            return
+        self.reserve(max(e.length for e in entries) + 1)
+        for i in range(len(self.k)):
+            for store, part in ((self.k, 0), (self.v, 1)):
+                new = [torch.nn.functional.pad(e.kv[i][part], (0, 0, 0, self.capacity - e.length)) for e in entries]
+                store[i] = torch.cat(([store[i]] if store[i] is not None else []) + new)
+        self.lengths += [e.length for e in entries]
+        self.lengths_t = torch.tensor(self.lengths, device=self.backbone.device)
+
+    def keep(self, alive: list[int]):
+        """Keeps the sequences at these batch positions, in this order."""
+        if len(alive) == len(self.lengths):
+            return
+        if not alive:
+            self.__init__(self.backbone)
+            return
+        for i in range(len(self.k)):
+            m = self.backbone.rows_at(i)
+            rows = torch.tensor([s * m + j for s in alive for j in range(m)], device=self.k[i].device)
+            self.k[i], self.v[i] = self.k[i][rows], self.v[i][rows]
+        self.lengths = [self.lengths[s] for s in alive]
+        self.lengths_t = torch.tensor(self.lengths, device=self.backbone.device)
+
+    def advance(self):
+        self.lengths = [n + 1 for n in self.lengths]
+        self.lengths_t = self.lengths_t + 1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)

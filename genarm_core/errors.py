@@ -1,0 +1,18 @@
+"""The project's errors: one base class, one subclass per kind of mistake. Every message names
+the field or file at fault and what was expected."""
+
+
+class GenarmError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class ConfigError(GenarmError, ValueError):
+    """A bad models.yaml (or profile dict): the message names the file, profile and field."""
+
+
+class ModelLoadError(GenarmError, RuntimeError):
+    """A model or adapter that cannot be loaded or does not fit the engine."""
+
+
+class RequestError(GenarmError, ValueError):
+    """A bad request: unknown ARM, bad weight, empty or oversized prompt, bad option."""

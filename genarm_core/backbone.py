@@ -64,6 +64,18 @@ def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
                               for m in modules])
 
 
+def _check_saved_base(adapter: Adapter, weights: dict[str, torch.Tensor]):
+    """An adapter that carries frozen base weights (PEFT saves them for lm_head / embed_tokens)
+    must carry this base's: the engine applies the LoRA matrices on the model's own weights."""
+    for name, saved in adapter.saved_base.items():
+        own = weights[name]
+        same = saved.shape == own.shape and torch.allclose(saved.to(own.device, torch.float32), own.float(),
+                                                           atol=1e-2, rtol=1e-2)
+        if not same:
+            raise ModelLoadError(f"ARM '{adapter.name}': adapter {adapter.folder} carries its own {name} "
+                                 "weights, which differ from the base's; it was trained on another base")
+
+
 class _Layer:
     GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
               "down": ("down_proj",)}  # projections that share an input, fused into one product
@@ -152,6 +164,8 @@ class Backbone:
         self.cache_dtype = torch.float32 if self.device_type(inner) == "cpu" else dtype
         self.layers = [_Layer(layer, i, tuning, rows, options) for i, layer in enumerate(inner.layers)]
         head = model.get_output_embeddings().weight
+        for adapter in adapters:
+            _check_saved_base(adapter, {"lm_head": head, "embed_tokens": self.embed.weight})
         if head.shape[0] < vocab_size:
             raise ModelLoadError(f"{name}: the model's output has {head.shape[0]} logits but the tokenizer "
                                  f"has {vocab_size} tokens")

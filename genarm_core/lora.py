@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from .errors import ModelLoadError
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _HEAD_KEY = re.compile(r"(?:^|\.)lm_head\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# PEFT saves the frozen weights of an adapted lm_head / embed_tokens next to its LoRA
+_SAVED_BASE = re.compile(r"(?:^|\.)(lm_head|embed_tokens)\.base_layer\.weight$")
 HEAD = -1  # the layer index under which an adapter's LoRA on the output head (lm_head) is kept
 
 
@@ -31,6 +33,7 @@ class Adapter:
     folder: Path
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     num_layers: int
+    saved_base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen weights PEFT kept
 
     @property
     def first_layer(self) -> int:
@@ -68,7 +71,12 @@ def read_adapter(folder, name: str, num_layers: int) -> Adapter:
     rslora = bool(config.get("use_rslora"))
     tensors = load_file(str(weights_path))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    saved_base = {}
     for key, t in tensors.items():
+        saved = _SAVED_BASE.search(key)
+        if saved:
+            saved_base[saved.group(1)] = t
+            continue
         head = _HEAD_KEY.search(key)
         if head:
             pairs.setdefault((HEAD, "lm_head"), {})[head.group(1)] = t
@@ -91,7 +99,7 @@ def read_adapter(folder, name: str, num_layers: int) -> Adapter:
         r = ab["A"].shape[0]
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         weights[where] = (ab["A"].float(), ab["B"].float() * scale)
-    return Adapter(name=name, folder=folder, weights=weights, num_layers=num_layers)
+    return Adapter(name=name, folder=folder, weights=weights, num_layers=num_layers, saved_base=saved_base)
 
 
 class LoraGroup:

@@ -34,6 +34,12 @@ EXAMPLES = [  # benign everyday requests, then harmful ones (where harmlessness 
 ]
 PANE_KEYS = ("base", "a", "b")
 SWEEP_CHUNK = 3  # weight settings decoded together per batch in the trade-off sweep
+# What a visitor may ask for, checked on the server before anything is tokenised or decoded
+MAX_PROMPT_CHARS = 4000
+MAX_NEW_TOKENS = 512
+MAX_TEMPERATURE = 2.0
+MAX_WAITING = 16  # prompts waiting for the batch before new requests are told to come back
+STREAMS = 32  # streaming requests served at once (the scheduler batches them; see engine.py)
 
 HOW_IT_WORKS = """
 ### How it works (one minute)
@@ -79,6 +85,9 @@ class Engines:
             self._loaded[engine.profile.name] = (engine, notes_for(engine, engine.profile))
 
     def get(self, name: str) -> tuple[Engine | None, str]:
+        if not isinstance(name, str) or name not in self.profiles:
+            offered = ", ".join(f"`{n}`" for n in self.profiles)
+            return None, f"**Profile `{str(name)[:80]}` is not offered here** (offered: {offered})."
         if name not in self._loaded:
             with self._locks.get(name, threading.Lock()):
                 if name not in self._loaded:
@@ -204,6 +213,18 @@ class Session:
         return self.stream is not None and not self.stream.cancelled
 
 
+def completion_options(options: SamplingOptions) -> dict:
+    return {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
+            "max_new_tokens": options.max_new_tokens, "seed": options.seed, "normalised": options.normalised}
+
+
+def completion_record(c: Completion, weights: dict, betas: dict) -> dict:
+    """One pane's answer as data: what the JSON endpoint returns per pane."""
+    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "weights": weights,
+            "logprobs": {"base": c.logprobs_base, "arms": c.logprobs_arms, "fused": c.logprobs_fused},
+            "rewards": c.rewards(betas)}
+
+
 def sweep_figure(rows: list[dict], x_title: str, y_title: str):
     """The sweep's points, each labelled with its weights."""
     from matplotlib.figure import Figure  # no pyplot: thread-safe
@@ -222,13 +243,57 @@ def sweep_figure(rows: list[dict], x_title: str, y_title: str):
 
 
 # ---- the app ----------------------------------------------------------------------------------
+def _number(value, name: str, integer: bool = False):
+    """A number from a form or an API call; a clear RequestError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise RequestError(f"{name}: expected a finite number, got {value}")
+    if integer:
+        if value != int(value):
+            raise RequestError(f"{name}: expected a whole number, got {value}")
+        return int(value)
+    return float(value)
+
+
+def request_options(eng: Engine, temperature, top_p, max_new, seed, normalised) -> SamplingOptions:
+    """A visitor's sampling settings, checked against the demo's limits (RequestError if not)."""
+    temperature, top_p = _number(temperature, "temperature"), _number(top_p, "top_p")
+    max_new, seed = _number(max_new, "max_new_tokens", integer=True), _number(seed, "seed", integer=True)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(f"temperature: expected a number in [0, {MAX_TEMPERATURE}], got {temperature}")
+    if not 1 <= max_new <= MAX_NEW_TOKENS:
+        raise RequestError(f"max_new_tokens: expected a whole number in [1, {MAX_NEW_TOKENS}], got {max_new}")
+    if not isinstance(normalised, bool):
+        raise RequestError(f"normalised: expected true or false, got {normalised!r}")
+    top_k = eng.profile.defaults.top_k if eng else 0
+    return SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new,
+                           seed=seed, normalised=normalised).validated()
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise RequestError(f"prompt: expected text, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt: {len(prompt)} characters; this demo accepts at most {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def check_busy(eng: Engine):
+    waiting = eng.scheduler.waiting
+    if waiting >= MAX_WAITING:
+        raise RequestError(f"the demo is busy ({waiting} requests are waiting); please try again in a minute")
+
+
 def read_profiles(engine: Engine | None, config_path) -> tuple[dict, str, str]:
-    """Profiles offered, the default one, and a config error message (or "")."""
+    """Profiles offered to visitors (models.yaml's `demo:` list), the default one, and a config
+    error message (or ""). Other profiles need the operator: visitors cannot load them."""
     profiles, default, error = {}, None, ""
     if engine is None or config_path is not None:
         try:
             config = load_config(config_path)
-            profiles, default = dict(config.profiles), config.default_profile
+            profiles = {n: config.profiles[n] for n in config.demo_profiles}
+            default = config.default_profile if config.default_profile in profiles else next(iter(profiles))
         except ConfigError as e:
             error = f"**models.yaml cannot be read.**\n\n`{e}`"
     if engine is not None:
@@ -277,12 +342,10 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
         return [gr.Slider(**slider_props(eng, i)) for i in range(n_sliders)]
 
     def options_from(temperature, top_p, max_new, seed, normalised, eng):
-        top_k = eng.profile.defaults.top_k if eng else 0
-        return SamplingOptions(temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-                               max_new_tokens=int(max_new), seed=int(seed), normalised=bool(normalised))
+        return request_options(eng, temperature, top_p, max_new, seed, normalised)
 
     def weights_of(eng, values):
-        return {a.name: float(v) for a, v in zip(eng.profile.arms, values)}
+        return {a.name: _number(v, f"weight of '{a.name}'") for a, v in zip(eng.profile.arms, values)}
 
     # ---- event handlers -------------------------------------------------------------------
     def run(session: Session, steered_only: bool, profile, prompt, compare, temperature, top_p,
@@ -296,16 +359,14 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
             return
         try:
             options = options_from(temperature, top_p, max_new, seed, normalised, eng)
-        except (ValueError, TypeError) as e:
-            yield (gr.skip(),) * 6 + (f"**Cannot generate:** {e}",)
-            return
-        wa, wb = weights_of(eng, sliders[:n_sliders]), weights_of(eng, sliders[n_sliders:])
-        key = (profile, prompt, options)
-        base_view = session.views.get("base")
-        keep_base = steered_only and session.key == key and base_view is not None and base_view.done
-        keys = ([] if keep_base else ["base"]) + ["a"] + (["b"] if compare else [])
-        panes = {"base": Pane({}, "base"), "a": Pane(wa, "A"), "b": Pane(wb, "B")}
-        try:
+            wa, wb = weights_of(eng, sliders[:n_sliders]), weights_of(eng, sliders[n_sliders:])
+            check_prompt(prompt)
+            check_busy(eng)
+            key = (profile, prompt, options)
+            base_view = session.views.get("base")
+            keep_base = steered_only and session.key == key and base_view is not None and base_view.done
+            keys = ([] if keep_base else ["base"]) + ["a"] + (["b"] if compare else [])
+            panes = {"base": Pane({}, "base"), "a": Pane(wa, "A"), "b": Pane(wb, "B")}
             stream = eng.stream(prompt, [panes[k] for k in keys], options)
         except RequestError as e:
             gr.Warning(str(e))
@@ -326,13 +387,15 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
             return (*html_out, *stats_out, status)
 
         try:
+            if not stream.started.wait(0.25):
+                yield outputs("Queued: the server is busy, your answer starts when a slot frees…")
             yield outputs("Generating…")
             shown = 0.0
             for i, step in enumerate(stream):
                 now = time.perf_counter()
                 for ev in step:
                     views[keys[ev.pane]].add(ev, now)
-                if i == 0 or now - shown >= 1 / 30:  # at most ~30 page updates a second
+                if i == 0 or now - shown >= 1 / 20:  # at most ~20 page updates a second
                     shown = now
                     yield outputs("Generating…")
             yield outputs("Stopped." if stream.cancelled else "Done.")
@@ -387,6 +450,25 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
                 "#### GenARM A" if compare else "#### GenARM (your weights)",
                 "**Weights A**" if compare else "**Weights**")
 
+    def generate_json(profile, prompt, compare, temperature, top_p, max_new, seed, normalised, *sliders) -> dict:
+        """For programs: the panes' results as data (text, token ids, per-token log-probs under
+        the base, each ARM and the fused distribution, rewards, finish reason), not HTML."""
+        eng, note = engines.get(profile)
+        if eng is None:
+            raise gr.Error(note.replace("*", "").replace("`", ""))
+        try:
+            options = options_from(temperature, top_p, max_new, seed, normalised, eng)
+            wa, wb = weights_of(eng, sliders[:n_sliders]), weights_of(eng, sliders[n_sliders:])
+            check_prompt(prompt)
+            check_busy(eng)
+            keys = ["base", "a"] + (["b"] if compare else [])
+            weights = {"base": {}, "a": wa, "b": wb}
+            results = eng.generate(prompt, [weights[k] for k in keys], options)
+        except RequestError as e:
+            raise gr.Error(str(e)) from None
+        return {"profile": profile, "prompt": prompt, "options": completion_options(options),
+                "panes": {k: completion_record(c, weights[k], eng.models.betas) for k, c in zip(keys, results)}}
+
     def sweep(profile, prompt, temperature, top_p, max_new, seed, normalised, points):
         eng, note = engines.get(profile)
         if eng is None or not eng.arm_names:
@@ -427,7 +509,7 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
                     "Type a request, move the reward weights and compare the guided answer with the "
                     "unguided base model. See *How it works* below.")
         banner = gr.Markdown(config_error or first_note)
-        session = gr.State(Session())
+        session = gr.State(Session(), delete_callback=Session.stop)  # freed when the visitor leaves
         with gr.Tab("Steer"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -494,24 +576,30 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
                 sweep_btn = gr.Button("Sweep weights", variant="primary")
             sweep_status = gr.Markdown("", elem_id="status")
             plot = gr.Plot(label="Rewards per weight setting")
+        json_out = gr.JSON(visible=False)
 
         # ---- wiring -----------------------------------------------------------------------
         run_inputs = [session, profile, prompt, compare, temperature, top_p, max_new, seed, normalised,
                       *sliders_a, *sliders_b]
         run_outputs = [base_html, a_html, b_html, base_stats, a_stats, b_stats, status]
-        gen_btn.click(generate, run_inputs, run_outputs, api_name="generate")
-        prompt.submit(generate, run_inputs, run_outputs, api_visibility="private")
+        gen_btn.click(generate, run_inputs, run_outputs, api_name="generate", concurrency_limit=STREAMS,
+                      concurrency_id="decode")
+        prompt.submit(generate, run_inputs, run_outputs, api_visibility="private", concurrency_id="decode")
         stop_btn.click(stop, session, None, api_name="stop", concurrency_limit=None, queue=False)
+        gr.Button(visible=False).click(generate_json, run_inputs[1:], json_out, api_name="generate_json",
+                                       concurrency_id="decode")
         regen_btn.click(lambda s: int(s or 0) + 1, seed, seed, api_visibility="private",
-                        concurrency_limit=None).then(generate, run_inputs, run_outputs, api_visibility="private")
-        gr.Button(visible=False).click(steer, run_inputs, run_outputs, api_name="steer")  # slider release, for API clients
+                        concurrency_limit=None).then(generate, run_inputs, run_outputs, api_visibility="private",
+                                                     concurrency_id="decode")
+        gr.Button(visible=False).click(steer, run_inputs, run_outputs, api_name="steer",  # slider release, for API clients
+                                       concurrency_id="decode")
         live_inputs = [session, live, profile, normalised, *sliders_a, *sliders_b]
         gr.Button(visible=False).click(live_update, live_inputs, None, api_name="live_weights",
                                        api_visibility="undocumented", concurrency_limit=None, queue=False)
         for slider in [*sliders_a, *sliders_b]:
             slider.release(cancel_for_release, [session, live], None, api_visibility="private",
                            concurrency_limit=None, queue=False).then(
-                on_release, [session, live, *run_inputs[1:]], run_outputs, api_visibility="private")
+                on_release, [session, live, *run_inputs[1:]], run_outputs, api_visibility="private", concurrency_id="decode")
             slider.input(live_update, live_inputs, None,
                          api_visibility="private", concurrency_limit=None, queue=False, show_progress="hidden")
         compare.change(toggle_compare, compare, [col_b, col_weights_b, a_title, weights_a_title],
@@ -520,8 +608,8 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
                        [banner, *sliders_a, *sliders_b, temperature, top_p, max_new, seed, normalised,
                         *run_outputs], api_visibility="private")
         sweep_btn.click(sweep, [profile, prompt, temperature, top_p, max_new, seed, normalised, points],
-                        [plot, sweep_status], api_name="sweep")
-    demo.queue(default_concurrency_limit=4, max_size=32)
+                        [plot, sweep_status], api_name="sweep", concurrency_id="decode")
+    demo.queue(default_concurrency_limit=4, max_size=4 * STREAMS)
     demo.genarm_active_streams = active
     demo.genarm_engines = engines
     return demo

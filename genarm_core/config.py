@@ -92,6 +92,11 @@ class ModelsConfig:
     path: Path
     default_profile: str
     profiles: dict[str, Profile]
+    demo: tuple[str, ...] = ()  # the profiles a demo visitor may pick (default: the default one)
+
+    @property
+    def demo_profiles(self) -> tuple[str, ...]:
+        return self.demo or (self.default_profile,)
 
     def profile(self, name: str | None = None) -> Profile:
         name = name or self.default_profile
@@ -223,7 +228,7 @@ def _profile(name: str, data, where: str, root: Path) -> Profile:
 def parse_config(data, path: Path | str = "<memory>", root: Path | None = None) -> ModelsConfig:
     path = Path(path)
     root = root or path.parent
-    f = _Fields(data, str(path), {"default_profile", "profiles"})
+    f = _Fields(data, str(path), {"default_profile", "profiles", "demo"})
     profiles_data = f.get("profiles", dict, required=True)
     if not profiles_data:
         raise ConfigError(f"{path}: 'profiles' is empty; expected at least one profile")
@@ -232,7 +237,11 @@ def parse_config(data, path: Path | str = "<memory>", root: Path | None = None) 
     if default not in profiles:
         raise ConfigError(f"{path}: default_profile '{default}' is not one of the profiles "
                           f"({', '.join(profiles)})")
-    return ModelsConfig(path=path, default_profile=default, profiles=profiles)
+    demo = f.get("demo", list, default=[])
+    for i, name in enumerate(demo):
+        if name not in profiles:
+            raise ConfigError(f"{path}: demo[{i}]: '{name}' is not one of the profiles ({', '.join(profiles)})")
+    return ModelsConfig(path=path, default_profile=default, profiles=profiles, demo=tuple(demo))
 
 
 def load_config(path: Path | str | None = None) -> ModelsConfig:

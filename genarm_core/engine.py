@@ -160,6 +160,7 @@ class _Request:
         self.prompts, self.panes, self.options = prompts, panes, options
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
+        self.started = threading.Event()  # set when the first prompt joins the batch
         self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
         self.running = 0  # sequences in the batch
         self.generators: dict[int, torch.Generator] = {}
@@ -173,6 +174,11 @@ class _Request:
                 for k, p in enumerate(self.panes)]
 
 
+def _cancel(request: _Request, scheduler: "Scheduler"):
+    request.cancelled.set()
+    scheduler.wake()
+
+
 class Stream:
     """An iterator of steps; each step is a list of TokenEvents of this stream's sequences that
     advanced in one scheduler step (one per running pane). `cancel()` (from any thread) ends it
@@ -182,9 +188,9 @@ class Stream:
         self._request = request
         self.panes = request.panes
         self._done = False
-        self._finalizer = weakref.finalize(self, request.cancelled.set)
-        engine.scheduler.submit(request)
         self._scheduler = engine.scheduler
+        self._finalizer = weakref.finalize(self, _cancel, request, engine.scheduler)
+        engine.scheduler.submit(request)
 
     def __iter__(self):
         return self
@@ -210,10 +216,14 @@ class Stream:
         return self._request.cancelled.is_set()
 
     @property
+    def started(self) -> threading.Event:
+        """Set when the first of this stream's prompts has joined the batch (until then, it waits
+        in line behind the streams that fill the batch: `max_rows`)."""
+        return self._request.started
+
+    @property
     def queued(self) -> bool:
-        """True while none of this stream's prompts has started (the batch is full)."""
-        r = self._request
-        return r.running == 0 and len(r.waiting) == len(r.prompts) and not self._done
+        return not self._request.started.is_set() and not self._done
 
     def close(self):
         self.cancel()
@@ -244,10 +254,9 @@ class Scheduler:
     every sequence (`base_lp` [S, V], `arm_lp` [S, N, V]).
     """
 
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
-        self.m: LoadedModels = engine.models
-        self.max_rows = engine.models.max_rows
+    def __init__(self, models: LoadedModels, prefix_cache: PrefixCache):
+        self.m, self.prefix_cache = models, prefix_cache  # no reference back to the Engine
+        self.max_rows = models.max_rows
         self._lock = threading.Lock()
         self._waiting: deque[_Request] = deque()
         self.seqs: list[_Seq] = []
@@ -305,6 +314,7 @@ class Scheduler:
             for r in gone:
                 self._waiting.remove(r)
         for r in gone:
+            r.started.set()
             events = [ev for p in r.waiting for ev in r.final_events(p, "cancelled")]
             r.waiting.clear()
             if events:
@@ -338,6 +348,7 @@ class Scheduler:
                 base.append(base_lp)
                 arms.append(arm_lp)
             r.running += r.rows_per_prompt
+            r.started.set()
         if not base:
             return
         if not self.caches:
@@ -351,13 +362,13 @@ class Scheduler:
     def _prefill(self, ids: list[int]):
         """Cache entries per backbone and the first log-probs ([V], [N, V]) of one prompt."""
         key = tuple(ids)
-        hit = self.engine.prefix_cache.get(key)
+        hit = self.prefix_cache.get(key)
         if hit is None:
             outputs = [bb.prefill(ids) for bb in self.m.backbones]
             entries = [e for e, _ in outputs]
             base_lp, arm_lp = self.m.split_rows([fusion.token_logprobs(lg) for _, lg in outputs])
             hit = (entries, base_lp[0], arm_lp[0])
-            self.engine.prefix_cache.put(key, hit)
+            self.prefix_cache.put(key, hit)
         return hit
 
     def _drop_cancelled(self):
@@ -478,7 +489,7 @@ class Engine:
         self.tokenizer = models.tokenizer
         self.arm_names = models.arm_names
         self.prefix_cache = PrefixCache()
-        self.scheduler = Scheduler(self)
+        self.scheduler = Scheduler(models, self.prefix_cache)
 
     @classmethod
     def from_profile(cls, name: str | None = None, config_path=None) -> "Engine":

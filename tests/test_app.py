@@ -177,7 +177,7 @@ def test_profile_without_arms_runs_base_only(tiny):
 
 
 def test_missing_adapters_and_unloadable_profiles_give_messages(tiny, tmp_path):
-    config = {"default_profile": "tiny", "profiles": {
+    config = {"default_profile": "tiny", "demo": ["tiny", "hubonly"], "profiles": {
         "tiny": {"base": {"path": str(tiny["root"] / "base")}, "device": "cpu", "dtype": "float32",
                  "arms": [{"name": "help", "adapter": str(tmp_path / "missing_adapter"), "beta": 0.5}]},
         "hubonly": {"base": {"hub": "genarm-test/does-not-exist"}, "device": "cpu", "dtype": "float32"}}}
@@ -206,3 +206,91 @@ def test_broken_config_starts_with_a_message(tmp_path):
     path.write_text("profiles: [1, 2]\n")
     demo = app.build_demo(config_path=path)
     assert "models.yaml cannot be read" in banner_text(demo)
+
+
+def test_only_the_listed_profiles_are_offered(tiny, tmp_path):
+    """A visitor cannot make the server load a profile the operator did not list under `demo:`."""
+    base = {"base": {"path": str(tiny["root"] / "base")}, "device": "cpu", "dtype": "float32"}
+    config = {"default_profile": "tiny", "profiles": {"tiny": base, "big": {"base": {"hub": "someone/huge-7b"}}}}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    demo = app.build_demo(config_path=path)
+    assert list(demo.genarm_engines.profiles) == ["tiny"]
+    engine, note = demo.genarm_engines.get("big")
+    assert engine is None and "not offered" in note and not demo.genarm_engines.loaded("big")
+
+
+@pytest.mark.parametrize("position,value,message", [
+    (6, 2 ** 80, "seed: expected an integer in"),
+    (6, -1, "seed: expected an integer in"),
+    (3, 5.0, "greater than maximum value 2"),  # sliders: Gradio checks their range first
+    (4, 0.0, "less than minimum value 0.05"),
+    (5, 10 ** 6, "greater than maximum value 512"),
+    (1, "x" * 5000, "prompt: 5000 characters; this demo accepts at most 4000"),
+    (8, 99.0, "greater than maximum value 4"),
+    (0, "tulu2-7b-hh", "is not in the list of choices"),  # the profile dropdown's own check
+])
+def test_out_of_range_api_inputs_get_messages_not_traces(served, engine, position, value, message):
+    """Each endpoint answers a bad input with a message that names it: in the status line
+    (streaming endpoint) or as the call's error (JSON endpoint, and Gradio's own range checks)."""
+    _, _, client = served
+    bad = list(args(engine))
+    bad[position] = value
+    for endpoint in ("/generate", "/generate_json"):
+        try:
+            out = client().predict(*bad, api_name=endpoint)
+        except Exception as e:  # gradio_client raises the server's message
+            assert message in str(e) and "Traceback" not in str(e)
+        else:
+            assert endpoint == "/generate" and message in out[6] and "Traceback" not in out[6]
+
+
+def test_json_endpoint_equals_engine_generate(served, engine):
+    _, _, client = served
+    w = {"help": 1.5, "small": -0.5}
+    got = client().predict(*args(engine, wa=w, temperature=0.8, max_new=10, seed=3), api_name="/generate_json")
+    opts = SamplingOptions(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=3)
+    full = {n: w.get(n, 0.0) for n in engine.arm_names}
+    base, steered = engine.generate(PROMPT, [{}, full], opts)
+    for key, c in (("base", base), ("a", steered)):
+        pane = got["panes"][key]
+        assert pane["text"] == c.text and pane["token_ids"] == c.token_ids
+        assert pane["finish_reason"] == c.finish_reason == "length"
+        assert pane["logprobs"]["fused"] == pytest.approx(c.logprobs_fused, abs=1e-6)
+        assert pane["logprobs"]["arms"]["help"] == pytest.approx(c.logprobs_arms["help"], abs=1e-6)
+        assert pane["rewards"] == pytest.approx(c.rewards(engine.models.betas), abs=1e-5)
+    assert got["options"]["seed"] == 3 and got["panes"]["a"]["weights"] == full
+
+
+def test_eight_users_at_once_get_their_solo_results_and_a_bad_one_its_message(served, engine):
+    """Eight sampling streams with their own prompts, seeds and weights run in one batch; a ninth,
+    malformed request among them is refused without touching them."""
+    _, _, client = served
+    cases = [(f"Tell me about {topic}.", {"help": (i % 3) - 1.0, "small": i / 4}, 0.7 + i / 20, i)
+             for i, topic in enumerate(["tea", "rain", "bikes", "cats", "maps", "jazz", "bread", "snow"])]
+    solo = [expected_sampled(engine, p, w, t, s) for p, w, t, s in cases]
+    results, bad = [None] * len(cases), {}
+
+    def run(i):
+        p, w, t, s = cases[i]
+        results[i] = client().predict(*args(engine, prompt=p, wa=w, temperature=t, max_new=12, seed=s),
+                                      api_name="/generate")
+
+    def run_bad():
+        bad["out"] = client().predict(*args(engine, seed=2 ** 80), api_name="/generate")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    threads.insert(4, threading.Thread(target=run_bad))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert "seed: expected an integer" in bad["out"][6]
+    for out, want in zip(results, solo):
+        assert [pane_text(out[0]), pane_text(out[1])] == want
+
+
+def expected_sampled(engine, prompt, w, temperature, seed, max_new=12):
+    full = {n: w.get(n, 0.0) for n in engine.arm_names}
+    opts = SamplingOptions(temperature=temperature, top_p=0.9, max_new_tokens=max_new, seed=seed)
+    return [c.text for c in engine.generate(prompt, [{}, full], opts)]

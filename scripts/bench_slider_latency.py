@@ -1,8 +1,5 @@
 """Slider latency: time from a slider release to the first new steered token.
 
-Note: streams run in worker threads here, as in the app. On a loaded 2-core machine, torch ops
-run from the main thread were measured ~10x slower than from worker threads (OpenMP).
-
 Simulates what the demo does on a release: a stream is running (consumed by another thread, as a
 Gradio worker would), then it is cancelled and a new stream with the new weights starts; the time
 to its first token event is measured. Then the same through the real Gradio app with
@@ -26,7 +23,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from genarm_core import Engine, Pane, SamplingOptions, load_config, load_models  # noqa: E402
@@ -47,7 +43,7 @@ def with_fake_arms(profile, n: int, folder: Path):
 
     from peft import LoraConfig, get_peft_model
 
-    base = load_models(replace(profile, arms=())).backbone
+    base = load_models(replace(profile, arms=())).base_model
     arms = []
     for i in range(n):
         name = f"fake{i + 1}"

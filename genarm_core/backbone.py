@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ModelLoadError
-from .kernels import Linear, Tuning, attend
+from .kernels import CHUNK, Linear, Tuning, attend
 from .lora import HEAD, Adapter, LoraGroup
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,6 +29,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class RunOptions:
     shared_trunk: bool = True  # run layers below the first adapted one once per sequence
     batched_lora: bool = True  # one product per module for all adapters (False: one per adapter)
+    invariant: bool = True  # batch-invariant product forms where the machine has them (kernels.py)
 
 
 def check_config(config, what: str):
@@ -49,10 +50,11 @@ def check_supported(model, what: str):
                              "every weight on a device, e.g. a GPU with enough memory or a smaller model")
 
 
-def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight for several projections of the same input; the HF modules' weights become views
-    of it, so the model keeps working and no memory is spent twice."""
-    weight = torch.cat([m.weight.data for m in modules])
+def _fuse(modules, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight for several projections of the same input (plus `extra` rows: the LoRA A
+    matrices folded in); the HF modules' weights become views of it, so the model keeps working
+    and no memory is spent twice."""
+    weight = torch.cat([m.weight.data for m in modules] + ([extra] if extra is not None else []))
     start = 0
     for m in modules:
         n = m.weight.shape[0]
@@ -61,7 +63,49 @@ def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
     if all(m.bias is None for m in modules):
         return weight, None
     return weight, torch.cat([m.bias.data if m.bias is not None else weight.new_zeros(m.weight.shape[0])
-                              for m in modules])
+                              for m in modules] + [weight.new_zeros(weight.shape[0] - start)])
+
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}  # projections that share an input, fused into one product
+
+
+def _modules(layer) -> dict:
+    att, mlp = layer.self_attn, layer.mlp
+    return {"q_proj": att.q_proj, "k_proj": att.k_proj, "v_proj": att.v_proj, "o_proj": att.o_proj,
+            "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+
+
+def _parts(index: int, names, modules: dict, rows: list) -> list:
+    """(row model j, A, B, column offset) of every adapter on these modules of layer `index`."""
+    parts, offset = [], 0
+    for name in names:
+        for j, adapter in enumerate(rows):
+            if adapter is not None and (index, name) in adapter.weights:
+                parts.append((j, *adapter.weights[(index, name)], offset))
+        offset += modules[name].weight.shape[0]
+    return parts
+
+
+def product_shapes(model, rows: list, vocab_size: int, batched_lora: bool = True) -> set[tuple[int, int]]:
+    """Every (out, in) product a backbone runs: the fused projections (with the folded LoRA A
+    rows), the LoRA B products and the output head."""
+    shapes = set()
+    for i, layer in enumerate(model.model.layers):
+        modules = _modules(layer)
+        for names in GROUPS.values():
+            out = sum(modules[n].weight.shape[0] for n in names)
+            d_in = modules[names[0]].weight.shape[1]
+            K = sum(a.shape[0] for _, a, _, _ in _parts(i, names, modules, rows))
+            shapes.add((out + K if batched_lora else out, d_in))
+            if K:
+                shapes.add((out, K))
+    head = model.get_output_embeddings().weight
+    K = sum(a.weights[(HEAD, "lm_head")][0].shape[0] for a in rows if a is not None and (HEAD, "lm_head") in a.weights)
+    shapes.add((vocab_size, head.shape[1]))
+    if K:
+        shapes.add((vocab_size, K))
+    return shapes
 
 
 def _check_saved_base(adapter: Adapter, weights: dict[str, torch.Tensor]):
@@ -77,10 +121,7 @@ def _check_saved_base(adapter: Adapter, weights: dict[str, torch.Tensor]):
 
 
 class _Layer:
-    GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-              "down": ("down_proj",)}  # projections that share an input, fused into one product
-
-    def __init__(self, layer, index: int, tuning: Tuning, adapters: list, options: "RunOptions"):
+    def __init__(self, layer, index: int, tuning: Tuning, rows: list, options: "RunOptions"):
         att, mlp = layer.self_attn, layer.mlp
         self.index, self.layer = index, layer
         self.device = att.q_proj.weight.device
@@ -90,60 +131,61 @@ class _Layer:
         self.q_norm, self.k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
         self.rope = sys.modules[type(att).__module__].apply_rotary_pos_emb
         self.act = mlp.act_fn
-        qkv_w, qkv_b = _fuse([att.q_proj, att.k_proj, att.v_proj])
-        gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
-        linear = lambda w, b: Linear(w, b, tuning.plan(*w.shape))  # noqa: E731
-        self.qkv, self.gate_up = linear(qkv_w, qkv_b), linear(gu_w, gu_b)
-        self.o, self.down = linear(att.o_proj.weight, att.o_proj.bias), linear(mlp.down_proj.weight, mlp.down_proj.bias)
         self.intermediate = mlp.gate_proj.weight.shape[0]
-        modules = {"q_proj": att.q_proj, "k_proj": att.k_proj, "v_proj": att.v_proj, "o_proj": att.o_proj,
-                   "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+        modules = _modules(layer)
+        dtype = att.q_proj.weight.dtype
+        invariant = options.invariant and tuning.invariant
+        make = lambda w, b=None: Linear(w, b, tuning.plan(*w.shape), invariant)  # noqa: E731
         self.lora: dict[str, LoraGroup] = {}
-        for group, names in self.GROUPS.items():
-            parts, offset = [], 0
-            for name in names:
-                for j, adapter in enumerate(adapters):
-                    if adapter is not None and (index, name) in adapter.weights:
-                        a, b = adapter.weights[(index, name)]
-                        parts.append((j, a, b, offset))
-                offset += modules[name].weight.shape[0]
-            if parts:
-                self.lora[group] = LoraGroup(parts, len(adapters), offset, self.device, options.batched_lora)
+        self.products: dict[str, Linear] = {}
+        self.widths: dict[str, int] = {}
+        for group, names in GROUPS.items():
+            parts = _parts(index, names, modules, rows)
+            width = sum(modules[n].weight.shape[0] for n in names)
+            lora = LoraGroup(parts, len(rows), width, dtype, self.device, make, options.batched_lora) if parts else None
+            folded = lora.A_rows if lora is not None and options.batched_lora else None
+            self.products[group] = make(*_fuse([modules[n] for n in names], folded))
+            self.widths[group] = width
+            if lora is not None:
+                self.lora[group] = lora
 
-    def _lora(self, group, y, x):
-        if group in self.lora:
-            self.lora[group].add_to(y, x)
+    def _project(self, group: str, x: torch.Tensor) -> torch.Tensor:
+        """The group's fused product plus every adapter's LoRA delta on its rows."""
+        out = self.products[group](x)
+        lora = self.lora.get(group)
+        if lora is None:
+            return out
+        if not lora.batched:
+            lora.add_unbatched(out, x)
+            return out
+        y, u = out[..., :self.widths[group]], out[..., self.widths[group]:]
+        lora.add_to(y, u)
+        return y
 
     def __call__(self, h, cos, sin, attention) -> torch.Tensor:
         """h [R, T, d]; attention(q, k, v) -> [R, H, T, Dh] reads and writes this layer's cache."""
         R, T, _ = h.shape
         x = self.layer.input_layernorm(h)
-        qkv = self.qkv(x)
-        self._lora("qkv", qkv, x)
+        qkv = self._project("qkv", x)
         q, k, v = (t.view(R, T, -1, self.head_dim) for t in qkv.split(self.sizes, -1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [R, heads, T, Dh]
         q, k = self.rope(q, k, cos, sin)
         o = attention(q, k, v).transpose(1, 2).reshape(R, T, -1)
-        out = self.o(o)
-        self._lora("o", out, o)
-        h = h + out
+        h = h + self._project("o", o)
         x = self.layer.post_attention_layernorm(h)
-        gu = self.gate_up(x)
-        self._lora("gate_up", gu, x)
-        gate, up = gu.split(self.intermediate, -1)
-        a = self.act(gate) * up
-        out = self.down(a)
-        self._lora("down", out, a)
-        return h + out
+        gate, up = self._project("gate_up", x).split(self.intermediate, -1)
+        return h + self._project("down", self.act(gate) * up)
 
 
 class Backbone:
     """A model and the row models run on it (None = the plain weights, else a LoRA Adapter)."""
 
-    def __init__(self, model, rows: list[Adapter | None], vocab_size: int, tuning: Tuning,
+    def __init__(self, model, rows: list[Adapter | None], vocab_size: int, tuner,
                  options: RunOptions = RunOptions(), name: str = "base"):
+        """tuner(shapes, (heads, kv heads, head dim)) -> kernels.Tuning for this backbone's products
+        (product_shapes) and attention."""
         check_supported(model, name)
         self.model, self.name, self.options = model, name, options
         self.M = len(rows)
@@ -158,23 +200,28 @@ class Backbone:
         self.kv_heads = config.num_key_value_heads
         self.heads = config.num_attention_heads
         self.head_dim = inner.layers[0].self_attn.head_dim
+        config = model.config.get_text_config()
+        tuning = tuner(product_shapes(model, rows, vocab_size, options.batched_lora),
+                       (config.num_attention_heads, config.num_key_value_heads, inner.layers[0].self_attn.head_dim))
+        self.invariant = options.invariant and tuning.invariant  # rows independent of the batch
         self.attention_plan = tuning.attention
         dtype = inner.embed_tokens.weight.dtype
         # on a CPU attention runs in float32 (see kernels.py); elsewhere in the model's dtype
         self.cache_dtype = torch.float32 if self.device_type(inner) == "cpu" else dtype
         self.layers = [_Layer(layer, i, tuning, rows, options) for i, layer in enumerate(inner.layers)]
+        make = lambda w: Linear(w, None, tuning.plan(*w.shape), self.invariant)  # noqa: E731
         head = model.get_output_embeddings().weight
         for adapter in adapters:
             _check_saved_base(adapter, {"lm_head": head, "embed_tokens": self.embed.weight})
         if head.shape[0] < vocab_size:
             raise ModelLoadError(f"{name}: the model's output has {head.shape[0]} logits but the tokenizer "
                                  f"has {vocab_size} tokens")
-        self.head = Linear(head[:vocab_size], None, tuning.plan(vocab_size, head.shape[1]))
+        self.head = make(head[:vocab_size])
         self.head_device = head.device
-        head_parts = [(j, *a.weights[(HEAD, "lm_head")], 0) for j, a in enumerate(rows)
-                      if a is not None and (HEAD, "lm_head") in a.weights]
-        head_parts = [(j, a, b[:vocab_size], off) for j, a, b, off in head_parts]
-        self.head_lora = LoraGroup(head_parts, self.M, vocab_size, head.device, options.batched_lora) if head_parts else None
+        head_parts = [(j, a.weights[(HEAD, "lm_head")][0], a.weights[(HEAD, "lm_head")][1][:vocab_size], 0)
+                      for j, a in enumerate(rows) if a is not None and (HEAD, "lm_head") in a.weights]
+        self.head_lora = LoraGroup(head_parts, self.M, vocab_size, head.dtype, head.device, make,
+                                   batched=True) if head_parts else None  # its A product runs apart
         self.device = self.embed.weight.device
 
     @staticmethod
@@ -209,7 +256,8 @@ class Backbone:
         out = self.head(hidden)
         if self.head_lora is not None:
             x = hidden if hidden.dim() == 3 else hidden[:, None]
-            self.head_lora.add_to(out if hidden.dim() == 3 else out[:, None], x)
+            u = x @ self.head_lora.A_rows.T  # the head's own product stays unchanged (tied weights)
+            self.head_lora.add_to(out if hidden.dim() == 3 else out[:, None], u)
         return out
 
     def rows_at(self, layer: int) -> int:
@@ -266,7 +314,7 @@ class Backbone:
         """Feeds one token per sequence [S]; returns the next-token logits [S*M, V]."""
         S = tokens.shape[0]
         positions = cache.lengths_t  # [S]: the new token's position is the number before it
-        T = cache.max_length + 1
+        T = -(-(cache.max_length + 1) // CHUNK) * CHUNK  # a multiple of CHUNK: see kernels.attend
         cache.reserve(T)
         valid = torch.arange(T, device=self.device)[None] <= positions[:, None]  # [S, T]
         masks = {1: valid[:, None, None], self.M: valid.repeat_interleave(self.M, 0)[:, None, None]}
@@ -277,7 +325,7 @@ class Backbone:
             K, V = cache.k[i], cache.v[i]
             K[rows[m].to(K.device), :, where[m].to(K.device)] = k[:, :, 0].to(K.dtype)
             V[rows[m].to(K.device), :, where[m].to(K.device)] = v[:, :, 0].to(V.dtype)
-            return self._attend(self.attention_plan.form(q.shape[0]), q, K[:, :, :T], V[:, :, :T],
+            return self._attend(self.attention_plan.form(q.shape[0], self.invariant), q, K[:, :, :T], V[:, :, :T],
                                 masks[m].to(q.device), i)
 
         hidden = self._run(tokens[:, None], positions[:, None], attention)

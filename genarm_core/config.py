@@ -62,6 +62,7 @@ class EngineOptions:
     shared_trunk: bool = True  # layers below the ARMs' first adapted layer run once per sequence
     batched_lora: bool = True  # one product per module for all LoRA ARMs (False: one per ARM)
     forms: str = "auto"  # auto: the product forms measured fastest on this machine; plain: F.linear
+    batch_invariant: bool = True  # where the machine has batch-invariant forms, use only those
     max_rows: int | None = None  # model rows decoded at once (None: 64 on CPU, 512 on GPU)
 
 
@@ -189,7 +190,7 @@ def _defaults(data, where: str) -> DecodingDefaults:
 
 
 def _engine(data, where: str) -> EngineOptions:
-    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "max_rows"})
+    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows"})
     forms = f.get("forms", str, "auto")
     if forms not in ("auto", "plain"):
         raise ConfigError(f"{where}.forms: expected auto or plain, got '{forms}'")
@@ -197,7 +198,7 @@ def _engine(data, where: str) -> EngineOptions:
     if max_rows is not None and max_rows < 1:
         raise ConfigError(f"{where}.max_rows: expected an integer >= 1, got {max_rows}")
     return EngineOptions(shared_trunk=f.get("shared_trunk", bool, True), batched_lora=f.get("batched_lora", bool, True),
-                         forms=forms, max_rows=max_rows)
+                         forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows)
 
 
 def _profile(name: str, data, where: str, root: Path) -> Profile:

@@ -392,12 +392,10 @@ class Scheduler:
         opts = [s.request.options for s in seqs]
         score = fusion.fuse(self.base_lp, self.arm_lp, w, normalised=torch.tensor(
             [[o.normalised] for o in opts], device=m.device))
-        temps = [o.temperature for o in opts]
-        logits = fusion.sampling_logits(score, temps, [o.top_k for o in opts], [o.top_p for o in opts])
-        noise = self._noise(score.shape[-1])
-        tokens = fusion.choose(logits, temps, noise)
+        tokens = fusion.sample(score, [o.temperature for o in opts], [o.top_k for o in opts],
+                               [o.top_p for o in opts], self._uniforms(score.shape[-1]))
         pick = tokens[:, None]
-        fused_lp = score.gather(-1, pick) - torch.logsumexp(score, -1, keepdim=True)
+        fused_lp = torch.log_softmax(score, -1).gather(-1, pick)  # (its rows do not depend on the batch)
         arm_pick = self.arm_lp.gather(-1, pick[:, None, :].expand(-1, self.arm_lp.shape[1], 1)).squeeze(-1)
         eos = torch.isin(tokens, torch.tensor(m.eos_ids or [-1], device=m.device))
         packed = torch.cat([tokens[:, None].float(), self.base_lp.gather(-1, pick), arm_pick, fused_lp,
@@ -425,8 +423,8 @@ class Scheduler:
         self._remove(finished, events)
         return tokens[keep] if finished else tokens
 
-    def _noise(self, V: int) -> torch.Tensor | None:
-        """One Gumbel draw per (stream, prompt) per step, shared by that prompt's panes."""
+    def _uniforms(self, V: int) -> torch.Tensor | None:
+        """One random draw per (stream, prompt) per step, shared by that prompt's panes."""
         groups: dict[tuple[int, int], int] = {}
         index, draws = [], []
         for s in self.seqs:
@@ -437,11 +435,11 @@ class Scheduler:
             key = (id(s.request), s.prompt)
             if key not in groups:
                 groups[key] = len(draws)
-                draws.append(fusion.gumbel_noise(g, (V,)))
+                draws.append(fusion.uniforms(g, V))
             index.append(groups[key])
         if not draws:
             return None
-        table = torch.stack(draws + [draws[0].new_zeros(V)])  # row -1: greedy sequences
+        table = torch.stack(draws + [draws[0].new_full((V,), 0.5)])  # row -1: greedy sequences
         return table[torch.tensor(index, device=table.device)]
 
     def _remove(self, rows: list[int], events: dict[int, list[TokenEvent]]):

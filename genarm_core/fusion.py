@@ -3,6 +3,7 @@
 Decoding (several ARMs):
     score(v) = log_softmax(base)[v] + sum_i w_i * log_softmax(arm_i)[v]
     p(v)     = softmax(score / T), then top-k / top-p, then sample (T = 0: argmax)
+    sample   = argmax over the kept tokens of score(v) / T + Gumbel noise(v)
 Training and scoring:
     logp_r(y | x) = sum over response tokens of log pi_r(y_t | x, y_<t)
     loss          = -log sigmoid(beta * (logp_r(y_w) - logp_r(y_l)) - gamma)
@@ -39,7 +40,7 @@ def fuse(base_logprobs: torch.Tensor, arm_logprobs: torch.Tensor, weights: torch
     return score
 
 
-NUCLEUS_SHORTLIST = 1024  # top-p looks at this many best tokens first (exact: see truncate)
+NUCLEUS_SHORTLIST = 1024  # on a CPU, top-k / top-p look at this many best tokens first (exact)
 
 
 def _rows(value, rows: int) -> list:
@@ -49,83 +50,86 @@ def _rows(value, rows: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * rows
 
 
-def _column(values: list, like: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=like.device)[:, None]
+def _column(values: list, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype or like.dtype, device=like.device)[:, None]
 
 
-def top_k_mask(logits: torch.Tensor, top_k) -> torch.Tensor:
-    """True outside each row's k most likely tokens (top_k: one int or one per row; 0 = off)."""
-    S, V = logits.shape
-    ks = [k if 0 < k < V else 0 for k in _rows(top_k, S)]
-    if not any(ks):
-        return torch.zeros_like(logits, dtype=torch.bool)
-    values = torch.topk(logits, max(ks), dim=-1).values  # [S, kmax], sorted
-    k = _column(ks, logits, torch.long)
-    kth = values.gather(-1, (k - 1).clamp(min=0))
-    return (k > 0) & (logits < kth)
+def uniforms(generator: torch.Generator, size: int) -> torch.Tensor:
+    """One step's random draw for a vocabulary of `size`: float64 uniforms in (0, 1), drawn on the
+    generator's device (no host-device copy per token)."""
+    u = torch.rand((size,), generator=generator, dtype=torch.float64, device=generator.device)
+    return u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
 
 
-def top_p_mask(logits: torch.Tensor, top_p) -> torch.Tensor:
-    """True outside each row's nucleus: the smallest set of most likely tokens whose probability
-    reaches top_p (the most likely token always stays), as in transformers' TopPLogitsWarper.
-
-    Exact and fast on CPU, where sorting 49k logits costs milliseconds per row: the nucleus is
-    looked for among the NUCLEUS_SHORTLIST best tokens first (probabilities normalised over the
-    whole row); only rows whose shortlist holds less than top_p of the mass sort everything."""
-    S, V = logits.shape
-    ps = _rows(top_p, S)
-    on = [p < 1.0 for p in ps]
-    drop = torch.zeros_like(logits, dtype=torch.bool)
-    if not any(on):
-        return drop
-    rows = torch.tensor([i for i, o in enumerate(on) if o], device=logits.device)
-    sub, p = logits[rows], _column([q for q, o in zip(ps, on) if o], logits, logits.dtype)
-    K = min(V, NUCLEUS_SHORTLIST) if logits.device.type == "cpu" else V
-    values, order = torch.topk(sub, K, dim=-1) if K < V else torch.sort(sub, -1, descending=True)
-    probs = torch.exp(values - torch.logsumexp(sub, -1, keepdim=True))
-    before = probs.cumsum(-1) - probs  # mass of the better tokens
-    if K < V and not bool((before[:, -1:] + probs[:, -1:] >= p).all()):
-        values, order = torch.sort(sub, -1, descending=True)  # some nucleus is wider: sort all
-        probs = values.softmax(-1)
-        before = probs.cumsum(-1) - probs
-    keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(-1, order, before < p)
-    drop[rows] = ~keep
-    return drop
-
-
-def truncate(logits: torch.Tensor, top_k=0, top_p=1.0) -> torch.Tensor:
-    """Mask to -inf everything outside the top-k tokens, then outside the top-p nucleus of what
-    remains. logits [S, V]; top_k, top_p: one value or one per row."""
-    logits = logits.masked_fill(top_k_mask(logits, top_k), float("-inf"))
-    return logits.masked_fill(top_p_mask(logits, top_p), float("-inf"))
-
-
-def sampling_logits(score: torch.Tensor, temperature, top_k=0, top_p=1.0) -> torch.Tensor:
-    """What the sampler draws from: score / T, truncated. Rows with T = 0 keep the score (they
-    take its argmax in `choose`)."""
-    ts = _rows(temperature, score.shape[0])
-    if any(t > 0 for t in ts):
-        score = score / _column([t if t > 0 else 1.0 for t in ts], score, score.dtype)
-    return truncate(score, top_k, top_p)
-
-
-def gumbel_noise(generator: torch.Generator, shape) -> torch.Tensor:
-    """Gumbel(0, 1) noise drawn on the generator's device (no host-device copy per token).
-    argmax(logits + noise) is a sample of softmax(logits)."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device)
-    u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniforms: argmax(logits + gumbel(u)) is a sample of softmax(logits)."""
     return (-torch.log(-torch.log(u))).float()
 
 
-def choose(logits: torch.Tensor, temperature, noise: torch.Tensor | None) -> torch.Tensor:
-    """Per row: the argmax when its temperature is 0, else the Gumbel-max sample with its noise."""
-    ts = _rows(temperature, logits.shape[0])
-    if noise is None or not any(t > 0 for t in ts):
-        return logits.argmax(-1)
-    sampled = (logits + noise).argmax(-1)
-    if all(t > 0 for t in ts):
-        return sampled
-    return torch.where(_column(ts, logits, logits.dtype)[:, 0] > 0, sampled, logits.argmax(-1))
+def sample(score: torch.Tensor, temperature, top_k=0, top_p=1.0, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of score [S, V]: the argmax where the row's temperature is 0, else a
+    sample of softmax(score / T) restricted to the top-k tokens and then to the top-p nucleus of
+    those (as transformers' TopK and TopP warpers), by Gumbel-max with the row's uniforms u [S, V].
+    temperature, top_k (0 = off) and top_p (1 = off): one value or one per row."""
+    S, V = score.shape
+    ts, ks, ps = _rows(temperature, S), _rows(top_k, S), _rows(top_p, S)
+    tokens = score.argmax(-1)
+    hot = [i for i in range(S) if ts[i] > 0]
+    if u is None or not hot:
+        return tokens
+    for cut, group in ((False, [i for i in hot if not (0 < ks[i] < V or ps[i] < 1)]),
+                       (True, [i for i in hot if 0 < ks[i] < V or ps[i] < 1])):
+        if not group:
+            continue
+        rows = torch.tensor(group, device=score.device)
+        logits = score[rows] / _column([ts[i] for i in group], score)
+        if cut:
+            tokens[rows] = _sample_truncated(logits, [ks[i] if 0 < ks[i] < V else 0 for i in group],
+                                             [ps[i] for i in group], u[rows])
+        else:
+            tokens[rows] = (logits + gumbel(u[rows])).argmax(-1)
+    return tokens
+
+
+def _sample_truncated(logits: torch.Tensor, ks: list, ps: list, u: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over each row's top-k / top-p set only. The set is looked for among the best
+    NUCLEUS_SHORTLIST tokens (sorting 49k logits costs milliseconds per row on a CPU), which is
+    exact whenever they hold it; rows whose set is wider sort their whole row. Each row's path
+    depends on that row alone, so a row samples the same token whatever else is in the batch."""
+    V = logits.shape[1]
+    K = V if logits.device.type != "cpu" else min(V, max(NUCLEUS_SHORTLIST, *ks))
+    values, order = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, -1, descending=True)
+    keep, covered = _kept(values, order, logits, ks, ps)
+    tokens = _gumbel_max(values, order, keep, u)
+    wide = [i for i, ok in enumerate(covered.tolist()) if not ok]
+    if wide:
+        rows = torch.tensor(wide, device=logits.device)
+        values, order = torch.sort(logits[rows], -1, descending=True)
+        keep, _ = _kept(values, order, logits[rows], [ks[i] for i in wide], [ps[i] for i in wide])
+        tokens[rows] = _gumbel_max(values, order, keep, u[rows])
+    return tokens
+
+
+def _gumbel_max(values, order, keep, u) -> torch.Tensor:
+    noisy = (values + gumbel(u.gather(-1, order))).masked_fill(~keep, float("-inf"))
+    return order.gather(-1, noisy.argmax(-1, keepdim=True))[:, 0]
+
+
+def _kept(values: torch.Tensor, order: torch.Tensor, logits: torch.Tensor, ks: list, ps: list
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the sorted `values` [S, K] stay: the first k (k = 0: all), then the nucleus of
+    those; and per row whether the K values held the row's whole set [S]."""
+    S, K = values.shape
+    top_k = _column([bool(k) for k in ks], values, torch.bool)
+    keep = torch.arange(K, device=values.device)[None] < _column([k or K for k in ks], values, torch.long)
+    # probabilities renormalised over the top-k set (over the whole row when top-k is off); with
+    # log_softmax, whose rows do not depend on the batch's size (a plain logsumexp's do)
+    within = values.masked_fill(~keep, float("-inf"))
+    probs = torch.where(top_k, torch.softmax(within, -1), torch.exp(torch.log_softmax(logits, -1).gather(-1, order)))
+    before = probs.cumsum(-1) - probs  # mass of the better tokens
+    p = _column(ps, values)
+    covered = ((before[:, -1:] + probs[:, -1:] >= p) | top_k | (p >= 1) | (K == logits.shape[1]))[:, 0]
+    return keep & ((before < p) | (p >= 1)), covered
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

@@ -8,6 +8,14 @@ once on cold weights of that shape and cached on disk per CPU, torch version, dt
 Attention for one new token likewise picks SDPA or a plain matmul-softmax-matmul. On a CPU it
 runs in float32 whatever the model's dtype (backbone.py keeps the cache in float32 there):
 bfloat16 batched matmuls of attention's small shapes took 0.3-0.8 ms each on that EPYC.
+
+Batch invariance. The scheduler batches every user's rows together, so a row's result must not
+depend on how many other rows share its product; otherwise a stream's tokens would depend on the
+traffic. The measurement also checks, per form, that row 0 comes out bit-identical at every
+bucket from 2 rows up; where every shape has such a form (and attention one too), the engine
+uses that one form at every row count and runs a single row as two (`Tuning.invariant`). On that
+EPYC every bfloat16 form was invariant from 2 rows up (1 row differed for a 1536-wide input),
+and no float32 form was: there float32 results differ in the last bits with the batch's size.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import torch.nn.functional as F
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # rows per product
 COLD_BYTES = 96 << 20  # weights cycled through while timing, more than a CPU cache holds
-TUNING_VERSION = 3  # bump when the candidate forms change, so cached measurements are redone
+TUNING_VERSION = 5  # bump when the candidate forms change, so cached measurements are redone
 
 
 def mkldnn_available(device) -> bool:
@@ -41,11 +49,15 @@ def forms_for(device, dtype) -> tuple[str, ...]:
 
 @dataclass
 class Plan:
-    """The form to use per row bucket for one weight shape (or for attention)."""
+    """The form to use per row bucket for one weight shape (or for attention), and the fastest
+    of the forms whose rows do not depend on the batch's size (None: there is none)."""
     forms: dict[int, str] = field(default_factory=lambda: {BUCKETS[-1]: "linear"})
     times_us: dict[int, dict[str, float]] = field(default_factory=dict)  # measured, for the record
+    invariant: str | None = None
 
-    def form(self, rows: int) -> str:
+    def form(self, rows: int, invariant: bool = False) -> str:
+        if invariant:
+            return self.invariant
         for bucket in sorted(self.forms):
             if rows <= bucket:
                 return self.forms[bucket]
@@ -53,22 +65,28 @@ class Plan:
 
     @property
     def used(self) -> set[str]:
-        return set(self.forms.values())
+        return set(self.forms.values()) | ({self.invariant} if self.invariant else set())
 
 
 class Linear:
     """y = x W^T + b with the weight kept in the form(s) its plan uses. Rows beyond the largest
-    bucket (prefill) use F.linear, which is fast for many rows."""
+    bucket (a prefill, which runs alone) use F.linear, which is fast for many rows. invariant:
+    one batch-invariant form at every row count, one row run as two."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan, invariant: bool = False):
         self.weight, self.bias, self.plan = weight, bias, plan
         self.out_features, self.in_features = weight.shape
+        self.invariant = invariant and plan.invariant is not None
         self.packed = pack(weight) if "mkldnn" in plan.used else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        form = self.plan.form(rows) if rows <= BUCKETS[-1] else "linear"
-        return apply_form(form, x, self.weight, self.bias, self.packed)
+        if rows > BUCKETS[-1]:
+            return F.linear(x, self.weight, self.bias)
+        if self.invariant and rows == 1:
+            return apply_form(self.plan.invariant, x.expand(2, *x.shape[1:]), self.weight, self.bias,
+                              self.packed)[:1]
+        return apply_form(self.plan.form(rows, self.invariant), x, self.weight, self.bias, self.packed)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -92,6 +110,8 @@ def attend(form: str, q, k, v, mask, scale: float) -> torch.Tensor:
     if form == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    if form == "chunked":
+        return _attend_chunked(q, k, v, mask, scale)
     R, H, Tq, D = q.shape
     G = H // k.shape[1]
     qg = q.reshape(R, k.shape[1], G * Tq, D)  # heads of one group share their keys
@@ -99,6 +119,26 @@ def attend(form: str, q, k, v, mask, scale: float) -> torch.Tensor:
     scores = scores.view(R, k.shape[1], G, Tq, -1).masked_fill(~mask[:, :, None], float("-inf"))
     probs = torch.softmax(scores, -1).to(v.dtype).view(R, k.shape[1], G * Tq, -1)
     return (probs @ v).view(R, H, Tq, D)
+
+
+CHUNK = 64  # key positions per block of the chunked attention
+
+
+def _attend_chunked(q, k, v, mask, scale) -> torch.Tensor:
+    """Attention whose result for a row depends neither on the other rows nor on how many masked
+    key positions follow its own: every sum runs over blocks of CHUNK positions (fixed-size
+    reductions), and the blocks are added in order (cumsum), so masked blocks add exact zeros.
+    The key length must be a multiple of CHUNK (the cache's capacity is)."""
+    R, H, Tq, D = q.shape
+    KVH, T = k.shape[1], k.shape[2]
+    G, n = H // KVH, T // CHUNK
+    scores = (q.reshape(R, KVH, G * Tq, D) @ k.transpose(-1, -2)).float() * scale  # [R, KVH, G*Tq, T]
+    scores = scores.view(R, KVH, G, Tq, T).masked_fill(~mask[:, :, None], float("-inf"))
+    p = torch.exp(scores - scores.amax(-1, keepdim=True)).view(R, KVH, G * Tq, n, CHUNK)
+    total = p.sum(-1).cumsum(-1)[..., -1:]  # [R, KVH, G*Tq, 1]
+    blocks = p.permute(0, 1, 3, 2, 4) @ v.view(R, KVH, n, CHUNK, D).to(p.dtype)  # [R, KVH, n, G*Tq, D]
+    out = blocks.cumsum(2)[:, :, -1] / total  # [R, KVH, G*Tq, D]
+    return out.to(v.dtype).view(R, H, Tq, D)
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -137,8 +177,11 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
     weights = [torch.randn(out_f, in_f, dtype=dtype, device=device) * 0.02 for _ in range(copies)]
     packed = [pack(w) for w in weights] if "mkldnn" in forms else [None] * copies
     plan = Plan({})
+    xs = torch.randn(max(buckets[-1], 2), in_f, dtype=dtype, device=device)
+    row0 = {form: apply_form(form, xs[:2], weights[0], None, packed[0])[:1] for form in forms}
+    invariant = set(forms)
     for b in buckets:
-        x = torch.randn(b, in_f, dtype=dtype, device=device)
+        x = xs[:b]
         times = {}
         for form in forms:
             def run():
@@ -146,27 +189,47 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
                     apply_form(form, x, w, None, p)
             run()  # warm-up
             times[form] = _timed(run, passes) / copies * 1e6
+            if b >= 2 and not torch.equal(apply_form(form, x, weights[0], None, packed[0])[:1], row0[form]):
+                invariant.discard(form)
         plan.forms[b] = min(times, key=times.get)
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
+    total = lambda f: sum(t[f] for t in plan.times_us.values())  # noqa: E731
+    plan.invariant = min(invariant, key=total) if invariant else None
     return plan
 
 
 def measure_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, context: int = 256,
                       buckets=BUCKETS, passes: int = 3) -> Plan:
+    """Times SDPA and the plain form per bucket; a form is invariant when row 0's output is the same
+    at every bucket and when the keys are padded with masked positions (rows of different lengths)."""
     if torch.device(device).type != "cpu":
         return Plan({b: "sdpa" for b in buckets})
     plan = Plan({})
+    n = buckets[-1]
+    q = torch.randn(n, heads, 1, head_dim, dtype=dtype)
+    k, v = (torch.randn(n, kv_heads, context, head_dim, dtype=dtype) for _ in range(2))
+    mask = torch.ones(n, 1, 1, context, dtype=torch.bool)
+    scale = head_dim ** -0.5
+    forms = ("sdpa", "manual", "chunked")
+    invariant = set()
+    for form in forms:  # row 0 has 37 keys; alone (64 positions), and among b rows with 64..context
+        mask[:1] = False
+        mask[:1, :, :, :37] = True
+        alone = attend(form, q[:1], k[:1, :, :CHUNK], v[:1, :, :CHUNK], mask[:1, :, :, :CHUNK], scale)
+        if all(torch.equal(attend(form, q[:b], k[:b, :, :T], v[:b, :, :T], mask[:b, :, :, :T], scale)[:1], alone)
+               for b in buckets for T in range(CHUNK, context + 1, CHUNK)):
+            invariant.add(form)
+    mask[:] = True
     for b in buckets:
-        q = torch.randn(b, heads, 1, head_dim, dtype=dtype)
-        k, v = (torch.randn(b, kv_heads, context, head_dim, dtype=dtype) for _ in range(2))
-        mask = torch.ones(b, 1, 1, context, dtype=torch.bool)
         times = {}
-        for form in ("sdpa", "manual"):
-            run = lambda: [attend(form, q, k, v, mask, head_dim ** -0.5) for _ in range(4)]  # noqa: E731
+        for form in forms:
+            run = lambda: [attend(form, q[:b], k[:b], v[:b], mask[:b], scale) for _ in range(4)]  # noqa: E731
             run()
             times[form] = _timed(run, passes) / 4 * 1e6
         plan.forms[b] = min(times, key=times.get)
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
+    total = lambda f: sum(t[f] for t in plan.times_us.values())  # noqa: E731
+    plan.invariant = min(invariant, key=total) if invariant else None
     return plan
 
 
@@ -176,6 +239,11 @@ class Tuning:
     linear: dict[tuple[int, int], Plan]
     attention: Plan
     key: str = ""
+
+    @property
+    def invariant(self) -> bool:
+        """Every product and attention has a batch-invariant form (see the module's doc)."""
+        return self.attention.invariant is not None and all(p.invariant for p in self.linear.values())
 
     def plan(self, out_f: int, in_f: int) -> Plan:
         return self.linear[(out_f, in_f)]
@@ -193,54 +261,59 @@ class Tuning:
 
 
 def plain_tuning(shapes, device) -> Tuning:
+    """F.linear and SDPA everywhere, nothing measured (forms: plain, and GPUs); no batch-invariance
+    claim."""
     return Tuning({s: Plan({b: "linear" for b in BUCKETS}) for s in shapes},
                   Plan({b: "sdpa" for b in BUCKETS}), key="plain")
 
 
 def tune(shapes, attention: tuple[int, int, int], dtype, device, cache_dir: Path | None = None,
          max_rows: int = BUCKETS[-1], log=None) -> Tuning:
-    """Measures (or reads from cache_dir) the plans for the given weight shapes."""
-    buckets = tuple(b for b in BUCKETS if b <= max(1, max_rows)) or (1,)
-    key_src = "|".join([f"v{TUNING_VERSION}", machine_key(device, dtype), repr(sorted(shapes)), repr(attention),
-                        repr(buckets)])
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = cache_dir / f"tuning-{key}.json" if cache_dir else None
-    if path and path.exists():
-        try:
-            return _from_json(json.loads(path.read_text()), key)
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache file is measured again
+    """The plans for these weight shapes and attention (heads, kv heads, head dim): read from the
+    machine's file in cache_dir, measuring (and adding) only what is not there yet."""
     if torch.device(device).type != "cpu":
         return plain_tuning(shapes, device)
-    t0 = time.perf_counter()
-    if log:
-        log(f"measuring the fastest product forms for {len(shapes)} weight shapes in {dtype} "
-            f"(once per machine)...")
-    with torch.inference_mode():
-        linear = {s: measure_linear(*s, dtype, device, buckets) for s in shapes}
-        att = measure_attention(*attention, torch.float32, device, buckets=buckets)  # see backbone.Cache
-    tuning = Tuning(linear, att, key)
-    if log:
-        log(f"measured in {time.perf_counter() - t0:.1f} s")
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_to_json(tuning, key_src), indent=1))
-        tmp.replace(path)
-    return tuning
+    buckets = tuple(b for b in BUCKETS if b <= max(1, max_rows)) or (1,)
+    source = "|".join([f"v{TUNING_VERSION}", machine_key(device, dtype), repr(buckets)])
+    path = cache_dir / f"plans-{hashlib.sha256(source.encode()).hexdigest()[:16]}.json" if cache_dir else None
+    known = {"machine": source, "linear": {}, "attention": {}}
+    if path and path.exists():
+        try:
+            known = json.loads(path.read_text())
+        except ValueError:
+            pass  # a damaged file is measured again
+    name = lambda dims: "x".join(map(str, dims))  # noqa: E731
+    missing = [s for s in shapes if name(s) not in known["linear"]]
+    new_attention = name(attention) not in known["attention"]
+    if missing or new_attention:
+        t0 = time.perf_counter()
+        if log:
+            log(f"measuring the fastest product forms for {len(missing)} weight shapes in {dtype} "
+                "(once per machine)...")
+        with torch.inference_mode():
+            for s in missing:
+                known["linear"][name(s)] = _plan_json(measure_linear(*s, dtype, device, buckets))
+            if new_attention:  # in float32, as the cache holds it on a CPU (see backbone.Cache)
+                known["attention"][name(attention)] = _plan_json(
+                    measure_attention(*attention, torch.float32, device, buckets=buckets))
+        if log:
+            log(f"measured in {time.perf_counter() - t0:.1f} s")
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+    return Tuning({s: _plan(known["linear"][name(s)]) for s in shapes}, _plan(known["attention"][name(attention)]),
+                  key=source)
 
 
-def _to_json(t: Tuning, source: str) -> dict:
-    plan = lambda p: {"forms": p.forms, "times_us": p.times_us}  # noqa: E731
-    return {"machine": source, "linear": [[list(s), plan(p)] for s, p in t.linear.items()],
-            "attention": plan(t.attention)}
+def _plan_json(p: Plan) -> dict:
+    return {"forms": p.forms, "times_us": p.times_us, "invariant": p.invariant}
 
 
-def _from_json(d: dict, key: str) -> Tuning:
-    def plan(p):
-        return Plan({int(b): f for b, f in p["forms"].items()},
-                    {int(b): dict(v) for b, v in p["times_us"].items()})
-    return Tuning({tuple(s): plan(p) for s, p in d["linear"]}, plan(d["attention"]), key)
+def _plan(d: dict) -> Plan:
+    return Plan({int(b): f for b, f in d["forms"].items()}, {int(b): dict(v) for b, v in d["times_us"].items()},
+                d.get("invariant"))
 
 
 def log_stderr(msg: str):

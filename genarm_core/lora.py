@@ -103,48 +103,51 @@ def read_adapter(folder, name: str, num_layers: int) -> Adapter:
 
 
 class LoraGroup:
-    """All adapters' LoRA on the projections that share one input (q/k/v, gate/up, o, down),
-    applied to the rows of a step with two products, whatever the number of adapters.
+    """All adapters' LoRA on the projections that share one input (q/k/v, gate/up, o, down, or the
+    output head), for the rows of a step, with one extra product whatever the number of adapters.
 
     Rows are laid out sequence-major: row s * M + j is model j of sequence s. Every (adapter,
-    module) part contributes a block of r columns to A_cat [in, K] and a block of B_cat [K, out]
-    (at the module's columns in the fused output); `mask` [M, K] keeps, for row model j, only the
-    blocks of its own adapter, so the plain rows get exactly zero. Products run in float32 as in
-    PEFT, and are added to the base projection's output.
+    module) part contributes r columns to A_cat [in, K] and a block of B_cat [K, out] at the
+    module's columns of the fused output. A_cat is folded into the base product (the caller
+    appends `A_rows` to its weight, so x @ [W; A_cat^T]^T gives the output and u = x A_cat at
+    once); then delta = (u * mask) @ B_cat, where `mask` [M, K] keeps for row model j only its own
+    adapter's columns, so the plain rows get exactly zero. The products run in the model's dtype.
 
-    batched=False applies each part to its own rows with its own products (PEFT's way), for
-    measuring what batching saves.
+    batched=False applies each part to its own rows with its own float32 products (PEFT's way),
+    to measure what batching saves; nothing is folded into the base product then.
     """
 
     def __init__(self, parts: list[tuple[int, torch.Tensor, torch.Tensor, int]], M: int, out_total: int,
-                 device, batched: bool = True):
+                 dtype, device, make_linear, batched: bool = True):
         # parts: (row model j, A [r, in], B [out_m, r] with the scale folded in, column offset)
         K = sum(a.shape[0] for _, a, _, _ in parts)
-        d_in = parts[0][1].shape[1]
-        self.A = torch.zeros(d_in, K)
-        self.B = torch.zeros(K, out_total)
-        self.mask = torch.zeros(M, K)
+        A = torch.zeros(K, parts[0][1].shape[1])
+        B = torch.zeros(out_total, K)
+        mask = torch.zeros(M, K)
         k = 0
         for j, a, b, offset in parts:
             r = a.shape[0]
-            self.A[:, k:k + r] = a.t()
-            self.B[k:k + r, offset:offset + b.shape[0]] = b.t()
-            self.mask[j, k:k + r] = 1.0
+            A[k:k + r] = a
+            B[offset:offset + b.shape[0], k:k + r] = b
+            mask[j, k:k + r] = 1.0
             k += r
-        self.A, self.B, self.mask = self.A.to(device), self.B.to(device), self.mask.to(device)
+        self.M, self.K, self.batched = M, K, batched
+        self.A_rows = A.to(device, dtype)  # [K, in]
+        self.B = make_linear(B.to(device, dtype))  # a product with weight [out, K]
+        self.mask = mask.to(device, dtype)
         self.parts = [(j, a.t().to(device), b.t().to(device), offset) for j, a, b, offset in parts]
-        self.M, self.batched = M, batched
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor):
-        """y [S*M, T, out] += the LoRA deltas of x [S*M, T, in], in place."""
-        RM, T, d_in = x.shape
-        S = RM // self.M
-        if not self.batched:
-            for j, a, b, offset in self.parts:  # one product pair per adapter and module
-                xs = x.view(S, self.M, T, d_in)[:, j].float()
-                ys = y.view(S, self.M, T, -1)[:, j, :, offset:offset + b.shape[1]]
-                ys += xs @ a @ b
-            return
-        u = x.reshape(RM * T, d_in).float() @ self.A  # [S*M*T, K]
-        u = u.view(S, self.M, T, -1) * self.mask[None, :, None, :]  # each row keeps its own blocks
-        y += (u.view(RM * T, -1) @ self.B).view(RM, T, -1)
+    def add_to(self, y: torch.Tensor, u: torch.Tensor):
+        """y [S*M, T, out] += (u * mask) @ B_cat, in place; u [S*M, T, K] = x A_cat."""
+        R, T, K = u.shape
+        v = (u.reshape(R // self.M, self.M, T, K) * self.mask[None, :, None, :]).view(R, T, K)
+        y += self.B(v)
+
+    def add_unbatched(self, y: torch.Tensor, x: torch.Tensor):
+        """y [S*M, T, out] += the LoRA deltas of x [S*M, T, in], one adapter and module at a time."""
+        R, T, d_in = x.shape
+        S = R // self.M
+        for j, a, b, offset in self.parts:
+            xs = x.view(S, self.M, T, d_in)[:, j].float()
+            ys = y.view(S, self.M, T, -1)[:, j, :, offset:offset + b.shape[1]]
+            ys += xs @ a @ b

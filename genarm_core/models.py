@@ -248,10 +248,10 @@ def model_shapes(config, vocab: int) -> tuple[dict[tuple[int, int], int], tuple[
     return layer, (H, KV, hd), c.num_hidden_layers
 
 
-def _tuning(shape_sets, attention, dtype, device, options, max_rows):
+def _tuning(shapes, attention, dtype, device, options, max_rows):
     from .kernels import log_stderr, plain_tuning, tune
 
-    shapes = sorted({s for layer, head in shape_sets for s in [*layer, head]})
+    shapes = sorted(shapes)
     if options.forms == "plain" or device != "cpu":
         return plain_tuning(shapes, device)
     return tune(shapes, attention, dtype, device, cache_dir() / "tuning", max_rows, log=log_stderr)
@@ -261,9 +261,9 @@ def cpu_dtype(shape_sets, attention, trunk: int, layers: int, rows: int, options
     """dtype auto on a CPU: float32 or bfloat16, whichever the measured products make faster for
     one guided step (trunk layers at 1 row, the others and the head at `rows` rows)."""
     estimates = {}
+    layer, head = shape_sets[0]
     for dtype in (torch.float32, torch.bfloat16):
-        tuning = _tuning(shape_sets[:1], attention, dtype, "cpu", options, max_rows)
-        layer, head = shape_sets[0]
+        tuning = _tuning({*layer, head}, attention, dtype, "cpu", options, max_rows)
         estimates[dtype] = (tuning.step_us(layer, 1) * trunk + tuning.step_us(layer, rows) * (layers - trunk)
                             + tuning.step_us({head: 1}, rows)) / 1e3
     if any(math.isnan(v) for v in estimates.values()):
@@ -321,20 +321,22 @@ def _load_models(profile: Profile) -> LoadedModels:
         dtype, note = cpu_dtype(shape_sets, attention, trunk, n_layers, rows, options, max_rows)
     else:
         _, dtype = resolve_device_dtype(device, "auto")
-    tuning = _tuning(shape_sets, attention, dtype, device, options, max_rows)
-
     from .backbone import Backbone, RunOptions
 
-    run = RunOptions(shared_trunk=options.shared_trunk, batched_lora=options.batched_lora)
+    def tuner(shapes, attention):
+        return _tuning(shapes, attention, dtype, device, options, max_rows)
+
+    run = RunOptions(shared_trunk=options.shared_trunk, batched_lora=options.batched_lora,
+                     invariant=options.batch_invariant)
     _, base_model = load_source(profile.base, what, device, dtype)
-    backbones = [Backbone(base_model, [None, *lora], vocab, tuning, run, name="base")]
+    backbones = [Backbone(base_model, [None, *lora], vocab, tuner, run, name="base")]
     row_names = [["base", *(a.name for a in lora)]]
     for arm in profile.arms:
         if arm.adapter:
             continue
         arm_tok, model = load_source(arm.model, f"ARM '{arm.name}'", device, dtype)
         _check_tokenizer(arm, arm_tok, base_fp, base_desc)
-        backbones.append(Backbone(model, [None], vocab, tuning, run, name=f"ARM '{arm.name}'"))
+        backbones.append(Backbone(model, [None], vocab, tuner, run, name=f"ARM '{arm.name}'"))
         row_names.append([arm.name])
     context = min(getattr(bb.model.config.get_text_config(), "max_position_embeddings", None) or 2048
                   for bb in backbones)

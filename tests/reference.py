@@ -12,7 +12,7 @@ def full_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def keep_top(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Written independently of fusion.truncate: walk the sorted list."""
+    """Written independently of fusion.sample: walk the sorted list."""
     order = torch.argsort(logits, descending=True).tolist()
     allowed = order[:top_k] if top_k else order
     if top_p < 1.0:

@@ -157,18 +157,35 @@ def test_unsupported_architecture_is_refused(tmp_path, tokenizer):
         engine_for(tmp_path / "gpt2")
 
 
-def test_product_plans_are_cached_per_machine(deep, tmp_path, monkeypatch):
+def test_product_plans_are_cached_per_machine(tmp_path, monkeypatch):
     from genarm_core import kernels
 
-    shapes = [(24, 16), (16, 24)]
-    first = kernels.tune(shapes, (2, 1, 8), torch.float32, "cpu", tmp_path, max_rows=4)
-    files = list(tmp_path.glob("tuning-*.json"))
+    first = kernels.tune([(24, 16), (16, 24)], (2, 1, 8), torch.float32, "cpu", tmp_path, max_rows=4)
+    files = list(tmp_path.glob("plans-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["machine"].startswith("v")
-    monkeypatch.setattr(kernels, "measure_linear", lambda *a, **k: pytest.fail("measured again"))
-    again = kernels.tune(shapes, (2, 1, 8), torch.float32, "cpu", tmp_path, max_rows=4)
-    assert again.linear[(24, 16)].forms == first.linear[(24, 16)].forms
     for plan in first.linear.values():
         assert set(plan.forms) == {1, 2, 3, 4} and plan.used <= set(kernels.forms_for("cpu", torch.float32))
+    measured = []
+    real = kernels.measure_linear
+    monkeypatch.setattr(kernels, "measure_linear", lambda *a, **k: measured.append(a[:2]) or real(*a, **k))
+    again = kernels.tune([(24, 16), (40, 16)], (2, 1, 8), torch.float32, "cpu", tmp_path, max_rows=4)
+    assert measured == [(40, 16)]  # only the new shape is measured
+    assert again.linear[(24, 16)].forms == first.linear[(24, 16)].forms
+
+
+def test_invariant_forms_give_each_row_the_same_bits_at_any_batch_size():
+    from genarm_core import kernels
+
+    plan = kernels.measure_linear(48, 32, torch.bfloat16, "cpu", buckets=(1, 2, 3, 8))
+    if plan.invariant is None:
+        pytest.skip("no batch-invariant bfloat16 form on this CPU")
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    lin = kernels.Linear(w, None, plan, invariant=True)
+    x = torch.randn(8, 1, 32, dtype=torch.bfloat16)
+    alone = [lin(x[i:i + 1]) for i in range(8)]
+    for R in (2, 3, 8):
+        together = lin(x[:R])
+        assert all(torch.equal(together[i:i + 1], alone[i]) for i in range(R))
 
 
 @pytest.mark.parametrize("form", ["linear", "wt", "mkldnn"])

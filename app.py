@@ -40,6 +40,7 @@ MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
 MAX_WAITING = 16  # prompts waiting for the batch before new requests are told to come back
 STREAMS = 32  # streaming requests served at once (the scheduler batches them; see engine.py)
+UPDATES_PER_SECOND = 12  # page updates per stream: each one costs the server Python time
 
 HOW_IT_WORKS = """
 ### How it works (one minute)
@@ -162,7 +163,9 @@ class PaneView:
         return self.completion.finish_reason in ("eos", "stop", "length")
 
     def html(self) -> str:
-        return '<div class="genarm-tokens" style="white-space:pre-wrap;line-height:1.6">' + "".join(self.spans) + "</div>"
+        """Append-only (no closing tag; the browser closes the div), so that Gradio streams each
+        update as a short "append" diff instead of the whole pane again."""
+        return '<div class="genarm-tokens" style="white-space:pre-wrap;line-height:1.6">' + "".join(self.spans)
 
     def stats(self, betas: dict) -> str:
         n = len(self.completion.token_ids)
@@ -395,7 +398,7 @@ def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
                 now = time.perf_counter()
                 for ev in step:
                     views[keys[ev.pane]].add(ev, now)
-                if i == 0 or now - shown >= 1 / 20:  # at most ~20 page updates a second
+                if i == 0 or now - shown >= 1 / UPDATES_PER_SECOND:
                     shown = now
                     yield outputs("Generating…")
             yield outputs("Stopped." if stream.cancelled else "Done.")

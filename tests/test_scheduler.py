@@ -1,0 +1,126 @@
+"""Continuous batching: streams join and leave one running batch, and each one's tokens equal
+its solo run (the contract), whatever else is batched with it."""
+import threading
+
+import pytest
+
+from conftest import engine_for
+from genarm_core import SamplingOptions
+
+CASES = [  # prompt, panes, options
+    ("Tell me about tea.", [{"help": 1.0}, {}], SamplingOptions(temperature=0.9, max_new_tokens=14, seed=1)),
+    ("How do I fix a flat bicycle tyre quickly and without tools?", [{"harm": 2.0, "small": -0.5}],
+     SamplingOptions(temperature=0.7, top_p=0.8, max_new_tokens=10, seed=2)),
+    ("Write one line.", [{"small": 1.5}], SamplingOptions(temperature=0.0, max_new_tokens=12)),
+    ("Name three colours, please.", [{"help": -0.5}, {"help": 2.0, "harm": 1.0}],
+     SamplingOptions(temperature=1.1, top_k=30, max_new_tokens=16, seed=3, normalised=True)),
+    ("Why is the sky blue?", [{}], SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=12, seed=4)),
+]
+
+
+def record(stream, upto=None):
+    """All events of a stream (or its first `upto` steps), as comparable tuples."""
+    out = []
+    for step in stream:
+        out.append([(e.pane, e.token_id, e.text, e.logprob_fused, e.finish_reason) for e in step])
+        if upto is not None and len(out) == upto:
+            break
+    return out
+
+
+def test_streams_joining_and_leaving_mid_flight_equal_their_solo_runs(engine):
+    solo = [record(engine.stream(p, panes, o)) for p, panes, o in CASES]
+    steps_alone = engine.scheduler.steps
+    started = {0: engine.stream(*CASES[0])}
+    got = {i: [] for i in range(len(CASES))}
+    cancel_at = {3: 4}  # stream 3 is cancelled after 4 of its steps
+    live = {0}
+    tick = 0
+    while live:
+        for i in sorted(live):
+            try:
+                got[i].append([(e.pane, e.token_id, e.text, e.logprob_fused, e.finish_reason)
+                               for e in next(started[i])])
+            except StopIteration:
+                live.discard(i)
+                continue
+            if cancel_at.get(i) == len(got[i]):
+                started[i].cancel()
+        tick += 1
+        if tick % 2 == 0 and len(started) < len(CASES):  # a new stream joins every other step
+            i = len(started)
+            started[i] = engine.stream(*CASES[i])
+            live.add(i)
+    for i, events in got.items():
+        if i in cancel_at:
+            n = cancel_at[i]
+            assert events[:n] == solo[i][:n]
+            assert [e[4] for e in events[-1]] == ["cancelled"] * len(CASES[i][1]) and len(events) <= n + 2
+        else:
+            assert events == solo[i], f"stream {i} differs from its solo run"
+    together = engine.scheduler.steps - steps_alone
+    assert together < steps_alone - 10  # they really ran in shared steps
+
+
+def test_streams_from_many_threads_equal_their_solo_runs(engine):
+    solo = [record(engine.stream(p, panes, o)) for p, panes, o in CASES]
+    results = [None] * len(CASES)
+
+    def run(i):
+        results[i] = record(engine.stream(*CASES[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(CASES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == solo
+
+
+def test_the_row_cap_queues_streams_in_order(tiny, arms_spec):
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"max_rows": 4})
+    assert engine.models.rows_per_sequence == 4  # base + 2 LoRA ARMs, + the standalone ARM
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=5)
+    streams = [engine.stream(f"Prompt number {i}.", [{}], opts) for i in range(4)]
+    first = next(streams[0])
+    assert first and streams[0].started.is_set()
+    assert [s.queued for s in streams[1:]] == [True, True, True]
+    order = []
+    for i, s in enumerate(streams):
+        for _ in s:
+            pass
+        order.append(i)
+        if i + 1 < 4:
+            assert streams[i + 1].started.wait(10)  # the next one starts as this one leaves...
+        assert [j for j in range(i + 2, 4) if not streams[j].queued] == []  # ...the later ones wait
+    assert order == [0, 1, 2, 3]
+
+
+def test_a_request_larger_than_the_cap_still_runs(tiny, arms_spec):
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"max_rows": 4})
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=4)
+    alone = [engine.generate(p, [{}, {"help": 1.0}], opts) for p in ("One.", "Two words.")]
+    together = engine.generate(["One.", "Two words."], [{}, {"help": 1.0}], opts)  # 16 rows, cap 4
+    assert [[c.token_ids for c in r] for r in together] == [[c.token_ids for c in r] for r in alone]
+
+
+def test_cancelling_a_queued_stream_ends_it_without_running(tiny, arms_spec):
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"max_rows": 4})
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=30)
+    running = engine.stream("Keep going.", [{}], opts)
+    next(running)
+    queued = engine.stream("Never mind.", [{}, {"help": 1.0}], opts)
+    assert queued.queued
+    queued.cancel()
+    events = list(queued)
+    assert len(events) == 1 and [e.finish_reason for e in events[0]] == ["cancelled", "cancelled"]
+    assert all(e.token_id == -1 for e in events[0])
+    running.close()
+
+
+@pytest.mark.parametrize("max_rows", [0, -3])
+def test_a_bad_row_cap_is_a_config_error(tiny, max_rows):
+    from genarm_core import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.max_rows: expected an integer >= 1"):
+        engine_for(tiny["root"] / "base", [], engine={"max_rows": max_rows})

@@ -269,9 +269,9 @@ def request_options(eng: Engine, temperature, top_p, max_new, seed, normalised) 
         raise RequestError(f"max_new_tokens: expected a whole number in [1, {MAX_NEW_TOKENS}], got {max_new}")
     if not isinstance(normalised, bool):
         raise RequestError(f"normalised: expected true or false, got {normalised!r}")
-    top_k = eng.profile.defaults.top_k if eng else 0
-    return SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new,
-                           seed=seed, normalised=normalised).validated()
+    base = eng.profile.defaults if eng else SamplingOptions()
+    return replace(base, temperature=temperature, top_p=top_p, max_new_tokens=max_new, seed=seed,
+                   normalised=normalised)
 
 
 def check_prompt(prompt) -> str:

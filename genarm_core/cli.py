@@ -61,17 +61,21 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--normalised", action="store_true", default=None,
                    help="divide the fused score by 1 + sum of weights (constant sharpness)")
+    p.add_argument("--min-p", type=float, help="keep tokens with p >= min_p * top p (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 pushes down tokens already in the context")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="ban tokens that would repeat an n-gram (0 = off)")
+
+
+SAMPLING_ARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
+                 "max_new_tokens", "seed", "normalised")
 
 
 def sampling_options(args, profile):
-    from .engine import SamplingOptions
+    """The profile's defaults with what the command line sets."""
+    from dataclasses import replace
 
-    d = profile.defaults
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return SamplingOptions(temperature=pick(args.temperature, d.temperature), top_k=pick(args.top_k, d.top_k),
-                           top_p=pick(args.top_p, d.top_p), max_new_tokens=pick(args.max_new_tokens, d.max_new_tokens),
-                           seed=pick(args.seed, d.seed), normalised=pick(args.normalised, d.normalised),
-                           stop=tuple(args.stop))
+    given = {name: getattr(args, name) for name in SAMPLING_ARGS if getattr(args, name, None) is not None}
+    return replace(profile.defaults, **given, **({"stop": tuple(args.stop)} if args.stop else {}))
 
 
 def load_engine(args):

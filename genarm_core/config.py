@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, RequestError
+from .options import SamplingOptions
 
 BUILTIN_MODELS = {"smollm2-135m-instruct"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models.yaml"
@@ -47,16 +48,6 @@ class ArmSpec:
 
 
 @dataclass(frozen=True)
-class DecodingDefaults:
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 0.9
-    max_new_tokens: int = 128
-    normalised: bool = False
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs a profile; every switch exists to measure its effect (bench_decode.py)."""
     shared_trunk: bool = True  # layers below the ARMs' first adapted layer run once per sequence
@@ -77,7 +68,7 @@ class Profile:
     chat_template: bool = True
     system_prompt: str | None = None
     max_prompt_tokens: int | None = None
-    defaults: DecodingDefaults = field(default_factory=DecodingDefaults)
+    defaults: SamplingOptions = field(default_factory=lambda: SamplingOptions(top_p=0.9))
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def arm(self, name: str) -> ArmSpec:
@@ -175,18 +166,17 @@ def _arm(data, where: str, root: Path) -> ArmSpec:
                    description=f.get("description", str, ""))
 
 
-def _defaults(data, where: str) -> DecodingDefaults:
-    f = _Fields(data, where, {"temperature", "top_k", "top_p", "max_new_tokens", "normalised", "seed"})
-    d = DecodingDefaults(temperature=f.get("temperature", float, 0.7), top_k=f.get("top_k", int, 0),
-                         top_p=f.get("top_p", float, 0.9), max_new_tokens=f.get("max_new_tokens", int, 128),
-                         normalised=f.get("normalised", bool, False), seed=f.get("seed", int, 0))
-    checks = [(d.temperature >= 0, "temperature", "a number >= 0"), (d.top_k >= 0, "top_k", "an integer >= 0"),
-              (0 < d.top_p <= 1, "top_p", "a number in (0, 1]"),
-              (d.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")]
-    for ok, key, expected in checks:
-        if not ok:
-            raise ConfigError(f"{where}.{key}: expected {expected}, got {getattr(d, key)}")
-    return d
+def _defaults(data, where: str) -> SamplingOptions:
+    """A profile's sampling defaults: any SamplingOptions field; top_p 0.9 unless given."""
+    names = [f.name for f in fields(SamplingOptions)]
+    f = _Fields(data, where, set(names))
+    kinds = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
+             "no_repeat_ngram_size": int, "max_new_tokens": int, "seed": int, "normalised": bool, "stop": list}
+    given = {n: f.get(n, kinds[n]) for n in names if f.get(n, kinds[n]) is not None}
+    try:
+        return SamplingOptions(**{"top_p": 0.9, **given})
+    except RequestError as e:
+        raise ConfigError(f"{where}.{e}") from None
 
 
 def _engine(data, where: str) -> EngineOptions:

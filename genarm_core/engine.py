@@ -29,38 +29,11 @@ from .backbone import Cache
 from .config import load_config
 from .detokenize import IncrementalDetokenizer, StopStringFilter
 from .errors import RequestError
+from .options import SamplingOptions
 from .models import LoadedModels, load_models
 from .prompts import prompt_ids, prompt_is_empty, response_ids
 from .worker import WORKER
 
-SEED_MAX = 2 ** 63 - 1
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 0.7  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    max_new_tokens: int = 128
-    seed: int = 0
-    normalised: bool = False  # divide the fused score by (1 + sum of weights)
-    stop: tuple[str, ...] = ()
-
-    def validated(self) -> "SamplingOptions":
-        checks = [
-            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-             and self.temperature >= 0, "temperature", "a finite number >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0"),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
-             "an integer >= 1"),
-            (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX, "seed",
-             f"an integer in [0, {SEED_MAX}]"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise RequestError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-        return replace(self, stop=tuple(self.stop))
 
 
 class Pane:
@@ -245,6 +218,21 @@ class _Seq:
     detok: IncrementalDetokenizer
     stop: StopStringFilter
     step: int = 0
+    seen: set | None = None  # context tokens, for the repetition penalty
+    ngrams: fusion.NgramIndex | None = None  # for no-repeat n-grams
+
+    @classmethod
+    def start(cls, request: "_Request", prompt: int, pane: int, tokenizer) -> "_Seq":
+        o, ids = request.options, request.prompts[prompt]
+        return cls(request, prompt, pane, IncrementalDetokenizer(tokenizer), StopStringFilter(o.stop),
+                   seen=set(ids) if o.repetition_penalty != 1.0 else None,
+                   ngrams=fusion.NgramIndex(o.no_repeat_ngram_size, ids) if o.no_repeat_ngram_size else None)
+
+    def push(self, token: int):
+        if self.seen is not None:
+            self.seen.add(token)
+        if self.ngrams is not None:
+            self.ngrams.push(token)
 
 
 class Scheduler:
@@ -341,8 +329,7 @@ class Scheduler:
             if r.options.temperature > 0 and p not in r.generators:
                 r.generators[p] = torch.Generator(self.m.device).manual_seed(r.options.seed)
             for k in range(r.rows_per_prompt):
-                self.seqs.append(_Seq(r, p, k, IncrementalDetokenizer(self.m.tokenizer),
-                                      StopStringFilter(r.options.stop)))
+                self.seqs.append(_Seq.start(r, p, k, self.m.tokenizer))
                 for b, entry in enumerate(cached):
                     entries[b].append(entry)
                 base.append(base_lp)
@@ -392,8 +379,11 @@ class Scheduler:
         opts = [s.request.options for s in seqs]
         score = fusion.fuse(self.base_lp, self.arm_lp, w, normalised=torch.tensor(
             [[o.normalised] for o in opts], device=m.device))
-        tokens = fusion.sample(score, [o.temperature for o in opts], [o.top_k for o in opts],
-                               [o.top_p for o in opts], self._uniforms(score.shape[-1]))
+        ruled = fusion.penalise_repeats(score, [sorted(s.seen) if s.seen else [] for s in seqs],
+                                        [o.repetition_penalty for o in opts])
+        ruled = fusion.ban(ruled, [s.ngrams.banned() if s.ngrams else [] for s in seqs])
+        tokens = fusion.sample(ruled, [o.temperature for o in opts], [o.top_k for o in opts],
+                               [o.top_p for o in opts], self._uniforms(score.shape[-1]), [o.min_p for o in opts])
         pick = tokens[:, None]
         fused_lp = torch.log_softmax(score, -1).gather(-1, pick)  # (its rows do not depend on the batch)
         arm_pick = self.arm_lp.gather(-1, pick[:, None, :].expand(-1, self.arm_lp.shape[1], 1)).squeeze(-1)
@@ -405,6 +395,7 @@ class Scheduler:
         for i, (s, row) in enumerate(zip(seqs, packed)):
             token, lp_base, *lp_arms, lp_fused, is_eos = row
             token, last = int(token), s.step == s.request.options.max_new_tokens - 1
+            s.push(token)
             if is_eos:
                 text, reason = s.stop.push(s.detok.flush()) + s.stop.flush(), "eos"
             else:
@@ -542,13 +533,13 @@ class Engine:
     def stream(self, prompt, panes, options: SamplingOptions | None = None) -> Stream:
         """Streams one prompt under several panes (weight settings). The panes share their random
         draws, so panes with equal weights give equal text."""
-        options = (options or SamplingOptions()).validated()
+        options = options or SamplingOptions()
         panes = self._panes(panes, options)
         return Stream(self, _Request([self.encode(prompt, options.max_new_tokens)], panes, options))
 
     def stream_ids(self, prompts: list[list[int]], panes, options: SamplingOptions | None = None) -> Stream:
         """Like `stream` for prompts already tokenised (several prompts: one request)."""
-        options = (options or SamplingOptions()).validated()
+        options = options or SamplingOptions()
         panes = self._panes(panes, options)
         encoded = [self.check_ids(list(p), options.max_new_tokens) for p in prompts]
         if not encoded:
@@ -566,7 +557,7 @@ class Engine:
     def generate(self, prompts, weights=None, options: SamplingOptions | None = None):
         """One-shot batched generation. weights: a dict (one setting: returns a Completion per
         prompt) or a list of dicts (panes: returns a list of Completions per prompt)."""
-        options = (options or SamplingOptions()).validated()
+        options = options or SamplingOptions()
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                                and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)

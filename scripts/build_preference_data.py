@@ -135,7 +135,7 @@ def extra_jobs(rows: list[dict], seed: int) -> list[tuple[dict, str, str]]:
 def sample_extra(rows: list[dict], args) -> list[dict]:
     """Samples this shard's share (every args.shards-th job) of extra_jobs; a forced prefix is
     appended to the prompt's tokens and kept as the start of the answer."""
-    from genarm_core.engine import Completion, Pane, SamplingOptions, Stream
+    from genarm_core import Completion, SamplingOptions
 
     engine = load_engine(args.dtype)
     tok = engine.tokenizer
@@ -149,9 +149,9 @@ def sample_extra(rows: list[dict], args) -> list[dict]:
         prefixes = [tok(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for _, _, prefix in chunk]
         encoded = [engine.encode(r["prompt"]) + ids for (r, _, _), ids in zip(chunk, prefixes)]
         opts = SamplingOptions(temperature=0.8, top_p=0.95, seed=args.seed + 1000 * (args.shard + 1) + n,
-                               max_new_tokens=FORCED_MAX_NEW_TOKENS if forced else args.max_new_tokens).validated()
+                               max_new_tokens=FORCED_MAX_NEW_TOKENS if forced else args.max_new_tokens)
         results = [Completion() for _ in chunk]
-        for step in Stream(engine, encoded, [Pane({})], opts):
+        for step in engine.stream_ids(encoded, [{}], opts):
             for ev in step:
                 results[ev.prompt].add(ev)
         for (r, kind, _), c, pre in zip(chunk, results, prefixes):

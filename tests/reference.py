@@ -29,6 +29,25 @@ def keep_top(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return out
 
 
+def apply_repetition_rules(score: torch.Tensor, context: list[int], penalty: float, ngram: int) -> torch.Tensor:
+    """transformers' repetition penalty and no-repeat n-grams, written out token by token."""
+    score = score.clone()
+    if penalty != 1.0:
+        for t in set(context):
+            score[t] = score[t] * penalty if score[t] < 0 else score[t] / penalty
+    if ngram:
+        tail = context[len(context) - ngram + 1:] if ngram > 1 else []
+        for i in range(len(context) - ngram + 1):
+            if context[i:i + ngram - 1] == tail:
+                score[context[i + ngram - 1]] = float("-inf")
+    return score
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits, -1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def gumbel(generator: torch.Generator, V: int) -> torch.Tensor:
     u = torch.rand((V,), generator=generator, dtype=torch.float64)
     u = u.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
@@ -36,7 +55,8 @@ def gumbel(generator: torch.Generator, V: int) -> torch.Tensor:
 
 
 def reference_decode(base, arms: list, weights, prompt: list[int], steps: int, temperature=0.0,
-                     top_k=0, top_p=1.0, seed=0, normalised=False, eos_ids=(), weights_at=None):
+                     top_k=0, top_p=1.0, seed=0, normalised=False, eos_ids=(), weights_at=None,
+                     repetition_penalty=1.0, no_repeat_ngram_size=0, min_p=0.0):
     """Returns per step: token, log p_base, [log p_arm], log p_fused (all of the chosen token).
     weights_at(step) overrides weights for that step (mid-stream changes)."""
     ids, out = list(prompt), []
@@ -50,11 +70,15 @@ def reference_decode(base, arms: list, weights, prompt: list[int], steps: int, t
             score = score + wi * lp
         if normalised:
             score = score / (1 + sum(w))
+        ruled = apply_repetition_rules(score, ids, repetition_penalty, no_repeat_ngram_size)
         if temperature > 0:
             noise = gumbel(gen, score.shape[0])
-            tok = int(torch.argmax(keep_top(score / temperature, top_k, top_p) + noise))
+            logits = keep_top(ruled / temperature, top_k, top_p)
+            if min_p > 0:
+                logits = keep_min_p(logits, min_p)
+            tok = int(torch.argmax(logits + noise))
         else:
-            tok = int(torch.argmax(score))
+            tok = int(torch.argmax(ruled))
         fused = torch.log_softmax(score, -1)
         out.append((tok, float(base_lp[tok]), [float(lp[tok]) for lp in arm_lps], float(fused[tok])))
         ids.append(tok)

@@ -87,6 +87,32 @@ def test_fused_decoding_equals_full_recompute(engine, tiny, weights, temperature
     assert_matches(events, ref)
 
 
+@pytest.mark.parametrize("penalty,ngram,min_p,temperature,top_p", [
+    (1.3, 0, 0.0, 0.0, 1.0), (1.0, 2, 0.0, 0.0, 1.0), (1.5, 3, 0.0, 0.9, 0.9), (1.0, 0, 0.2, 1.0, 1.0),
+    (1.2, 2, 0.05, 0.8, 0.95), (0.8, 0, 0.1, 1.2, 1.0),
+])
+def test_repetition_rules_and_min_p_equal_the_reference(engine, tiny, penalty, ngram, min_p, temperature, top_p):
+    names = engine.arm_names
+    weights = (1.0, 0.5, -0.5)
+    opts = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=16, seed=6,
+                           repetition_penalty=penalty, no_repeat_ngram_size=ngram, min_p=min_p)
+    ids = engine.encode(PROMPTS[0])
+    ref = reference_decode(tiny["base"], arm_models(tiny), weights, ids, 16, temperature, 0, top_p, seed=6,
+                           repetition_penalty=penalty, no_repeat_ngram_size=ngram, min_p=min_p)
+    events = run_stream(engine, PROMPTS[0], [dict(zip(names, weights))], opts)[0]
+    assert_matches(events, ref)
+
+
+def test_no_repeat_ngrams_never_repeat_in_the_answer(engine):
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=150, no_repeat_ngram_size=2)
+    ids = engine.encode(PROMPTS[1])
+    out = engine.generate(PROMPTS[1], {"help": 3.0}, opts).token_ids
+    seq = ids + out
+    for j in range(len(ids), len(seq)):  # no answer token completes a pair seen before it
+        earlier = {tuple(seq[i:i + 2]) for i in range(j - 1)}
+        assert (seq[j - 1], seq[j]) not in earlier
+
+
 def test_every_step_distribution_equals_full_recompute(engine, tiny):
     """The whole vocabulary, not only the chosen token: LoRA rows of one backbone equal the
     merged adapters run as separate models, the standalone ARM equals its own full recompute;

@@ -46,3 +46,19 @@ def test_greedy_without_draws_and_fused_weights():
     assert fusion.sample(score, 0.0).tolist() == [0, 0]
     normalised = fusion.fuse(base, arms, torch.tensor([[1.0], [2.0]]), normalised=torch.tensor([[True], [False]]))
     assert torch.allclose(normalised[0], (base[0] + arms[0, 0]) / 2) and torch.allclose(normalised[1], base[1] + 2 * arms[1, 0])
+
+
+def test_ngram_index_bans_what_would_repeat_an_ngram():
+    index = fusion.NgramIndex(2, [5, 6, 7, 5])
+    assert index.banned() == [6]  # "5 6" was seen: after 5, 6 is banned
+    index.push(8)
+    assert index.banned() == []
+    three = fusion.NgramIndex(3, [1, 2, 3, 1, 2])
+    assert three.banned() == [3]
+    assert fusion.NgramIndex(1, [4, 4, 9]).banned() == [4, 9]  # n = 1: no token twice
+
+
+def test_repetition_penalty_follows_the_sign_rule():
+    score = torch.tensor([[-2.0, 1.0, -0.5, 3.0]])
+    out = fusion.penalise_repeats(score, [[0, 1]], [2.0])
+    assert out.tolist() == [[-4.0, 0.5, -0.5, 3.0]] and score.tolist() == [[-2.0, 1.0, -0.5, 3.0]]

@@ -227,3 +227,11 @@ def arm_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, beta: float
         mean_logp = logp_chosen if chosen_tokens is None else logp_chosen / chosen_tokens.clamp(min=1)
         loss = loss - nll_weight * mean_logp
     return loss
+
+
+def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), the training-time alignment GenARM is compared with:
+    -log sigmoid(beta * ((logp(y_w) - ref(y_w)) - (logp(y_l) - ref(y_l)))), per pair, where ref
+    is the frozen reference policy (here the base, its adapter switched off)."""
+    return -F.logsigmoid(beta * ((logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)))

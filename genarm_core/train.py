@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     progress: bool = True
+    loss: str = "arm"  # arm: the GenARM loss; dpo: a DPO policy (the baseline), reference = the base
 
 
 def check_config(c: TrainConfig):
@@ -110,6 +111,7 @@ def check_config(c: TrainConfig):
         (c.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
         (c.log_every >= 1, "log_every", "an integer >= 1"),
         (c.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16"),
+        (c.loss in ("arm", "dpo"), "loss", "arm or dpo"),
     ]
     for ok, name, expected in checks:
         if not ok:
@@ -159,10 +161,23 @@ def pair_logprobs(model, batch, vocab_size: int, length_normalise: bool = False)
     return logp[:batch.pairs], logp[batch.pairs:]
 
 
+def reference_logprobs(model, batch, vocab_size: int, length_normalise: bool = False):
+    """The pairs' log-probs under the reference policy: the same model with its adapter off."""
+    from peft import PeftModel
+
+    peft_model = model if isinstance(model, PeftModel) else getattr(model, "module", model)
+    with torch.no_grad(), peft_model.disable_adapter():
+        return pair_logprobs(model, batch, vocab_size, length_normalise)
+
+
 def batch_loss(model, batch, vocab_size: int, beta: float, gamma: float = 0.0, length_normalise: bool = False,
-               nll_weight: float = 0.0):
-    """Mean ARM loss of the batch, and the two log-prob vectors."""
+               nll_weight: float = 0.0, dpo: bool = False):
+    """Mean loss of the batch and each pair's two rewards (log-probs for an ARM, log-probs over
+    the reference's for DPO): a pair is ranked right when the chosen one's is larger."""
     logp_w, logp_l = pair_logprobs(model, batch, vocab_size, length_normalise)
+    if dpo:
+        ref_w, ref_l = reference_logprobs(model, batch, vocab_size, length_normalise)
+        return fusion.dpo_loss(logp_w, logp_l, ref_w, ref_l, beta).mean(), logp_w - ref_w, logp_l - ref_l
     chosen_tokens = None if length_normalise else batch.response_mask[:batch.pairs, 1:].sum(-1)
     loss = fusion.arm_loss(logp_w, logp_l, beta, gamma, nll_weight, chosen_tokens)
     return loss.mean(), logp_w, logp_l
@@ -181,8 +196,12 @@ def evaluate(model, pairs: list[EncodedPair], c: TrainConfig, pad_id: int, vocab
     for idx in batches[accelerator.process_index::accelerator.num_processes]:
         batch = collate([pairs[i] for i in idx], pad_id).to(accelerator.device)
         logp_w, logp_l = pair_logprobs(model, batch, vocab_size, c.length_normalise)
+        if c.loss == "dpo":  # DPO's implicit reward: the log-prob over the reference's
+            ref_w, ref_l = reference_logprobs(model, batch, vocab_size, c.length_normalise)
+            logp_w, logp_l = logp_w - ref_w, logp_l - ref_l
         sums += torch.stack([(logp_w > logp_l).sum().double(), (c.beta * (logp_w - logp_l)).sum().double(),
-                             fusion.arm_loss(logp_w, logp_l, c.beta, c.gamma).sum().double(),
+                             (fusion.arm_loss(logp_w, logp_l, c.beta, 0.0) if c.loss == "dpo" else
+                              fusion.arm_loss(logp_w, logp_l, c.beta, c.gamma)).sum().double(),
                              torch.tensor(float(len(idx)), dtype=torch.float64, device=sums.device)])
     sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
     correct, margin, loss, n = sums.tolist()
@@ -348,7 +367,7 @@ def train_arm(c: TrainConfig) -> dict:
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 loss, logp_w, logp_l = batch_loss(model, batch, vocab, c.beta, c.gamma, c.length_normalise,
-                                                    c.nll_weight)
+                                                    c.nll_weight, dpo=c.loss == "dpo")
                 accelerator.backward(loss / group)
             if last:
                 accelerator.clip_grad_norm_(params, c.max_grad_norm)
@@ -384,7 +403,8 @@ def train_arm(c: TrainConfig) -> dict:
 
     accelerator.wait_for_everyone()
     metadata = {
-        "objective": c.objective, "beta": c.beta, "gamma": c.gamma, "length_normalise": c.length_normalise,
+        "objective": c.objective, "loss": c.loss, "beta": c.beta, "gamma": c.gamma,
+        "length_normalise": c.length_normalise,
         "base_model": source.describe(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "chat_template": chat_template, "system_prompt": system_prompt, "eos_id": eos,
         "heldout_accuracy": final["accuracy"] if final else None,
@@ -477,6 +497,9 @@ def add_train_parser(subparsers):
                         "fluent LM when training long (0: the plain GenARM loss)")
     o.add_argument("--length-normalise", action="store_true",
                    help="divide each response's log-prob by its length")
+    o.add_argument("--loss", choices=("arm", "dpo"), default=d.loss,
+                   help="arm: the GenARM loss (an ARM for guided decoding); dpo: a DPO policy adapter "
+                        "(reference = the base, adapter off), the training-time baseline")
     m = t.add_argument_group("model and LoRA")
     m.add_argument("--base-path", help="base model folder (default: the profile's base)")
     m.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")

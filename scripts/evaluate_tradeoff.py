@@ -4,6 +4,9 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
     .venv/bin/python scripts/evaluate_tradeoff.py [--values 0 2 4] [--seeds 0 1] [--limit N]
         [--grid harmlessness=0,2,4]   # another grid for one ARM
     .venv/bin/python scripts/evaluate_tradeoff.py --rejudge   # re-judge the saved answers only
+    ... --baselines                    # + the base under helpful-and-harmless / harmless system prompts
+    ... --dpo runs/dpo-merged          # + a DPO policy (scripts/train_dpo_baseline.sh), decoded alone
+    ... --only-baselines --merge-into space_assets   # add baseline rows to saved results
 """
 import argparse
 import json
@@ -13,13 +16,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from genarm_core.engine import Engine, SamplingOptions  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from genarm_core import Engine, SamplingOptions, load_models  # noqa: E402
+from genarm_core.config import ModelSource  # noqa: E402
 from genarm_core.data import jsonl_records  # noqa: E402
-from genarm_core.evaluate import (judge_records, markdown_table, plot, read_prompts, run_grid,  # noqa: E402
-                                  summarise, weight_grid)
+from genarm_core.evaluate import (BASELINES, judge_records, markdown_table, plot, read_prompts,  # noqa: E402
+                                  run_grid, summarise, weight_grid)
 
 
 def main():
@@ -35,9 +40,18 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--normalised", action="store_true", help="divide the fused score by 1 + the sum of the weights")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    ap.add_argument("--min-p", type=float, default=0.0)
     ap.add_argument("--out", default=str(ROOT / "space_assets"))
     ap.add_argument("--rejudge", action="store_true",
                     help="no decoding: re-judge the answers saved in --out (after a change to the judges)")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also decode the base under a helpful-and-harmless and a harmless system prompt")
+    ap.add_argument("--dpo", metavar="FOLDER", help="also decode this DPO policy (a merged model folder) alone")
+    ap.add_argument("--only-baselines", action="store_true", help="skip the weight grid")
+    ap.add_argument("--merge-into", metavar="DIR",
+                    help="add the new records to the results saved in DIR (same prompts, seeds, options)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.rejudge:
@@ -64,12 +78,33 @@ def main():
             sys.exit(f"error: --grid {item}: expected NAME=V1,V2,... with numbers")
     grid = weight_grid(engine.arm_names, values)
     options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                              normalised=args.normalised)
+                              normalised=args.normalised, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, min_p=args.min_p)
     start = time.time()
-    records = run_grid(engine, prompts, grid, args.seeds, options,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    records = [] if args.only_baselines else run_grid(engine, prompts, grid, args.seeds, options, progress=progress)
+    if args.baselines:
+        for name, system in BASELINES.items():
+            records += [{**r, "baseline": True} for r in run_grid(
+                engine, prompts, [{}], args.seeds, options, progress=progress, system_prompt=system, setting=name)]
+    if args.dpo:
+        dpo = Engine(load_models(replace(engine.profile, base=ModelSource(path=str(Path(args.dpo).resolve())),
+                                         arms=())))
+        records += [{**r, "baseline": True, "weights": {n: 0.0 for n in engine.arm_names}}
+                    for r in run_grid(dpo, prompts, [{}], args.seeds, options, progress=progress,
+                                      setting="DPO (LoRA, same pairs)")]
+    if args.merge_into:
+        old = Path(args.merge_into)
+        meta = json.loads((old / "tradeoff.json").read_text())["meta"]
+        if meta["options"] != options.as_dict() or meta["seeds"] != args.seeds or meta["prompts"] != len(prompts):
+            sys.exit(f"error: --merge-into {old}: its prompts, seeds or options differ from this run's")
+        new = {r["setting"] for r in records}
+        kept = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")
+                if r.get("setting") not in new]
+        write_results(Path(args.out), meta, kept + records)
+        return
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
-            "options": options.__dict__ | {"stop": list(options.stop)}, "seconds": round(time.time() - start),
+            "options": options.as_dict(), "seconds": round(time.time() - start),
             "betas": engine.models.betas}
     write_results(out, meta, records)
     print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)

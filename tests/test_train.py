@@ -259,3 +259,27 @@ def test_cli_errors_exit_2(rule_run, tmp_path, capsys, extra, message):
     rc = cli_main(["train", "--objective", "x", "--out", str(tmp_path / "o"), "--no-progress", *base, *extra])
     assert rc == 2
     assert message.format(**paths) in capsys.readouterr().err
+
+
+def test_dpo_loss_uses_the_base_as_reference_and_learns(tokenizer, tmp_path):
+    """A DPO adapter starts at loss log 2 (policy = reference: zero-initialised LoRA B) and its
+    implicit rewards rank the training rule's pairs after a few steps."""
+    from genarm_core import fusion
+
+    root = tmp_path
+    base = make_model(tokenizer, "llama", seed=0)
+    save_model(base, tokenizer, root / "base")
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "chosen": "green apple sun",
+                                         "rejected": "dark iron rock"}) + "\n"
+                             for t in ["tea", "boats", "snow", "maps", "cats", "rain", "jazz", "bread"] * 3))
+    config = TrainConfig(data=[str(pairs)], objective="fruit-dpo", output_dir=str(root / "dpo"), loss="dpo",
+                         beta=0.5, base_path=str(root / "base"), chat_template=False, learning_rate=5e-3,
+                         max_steps=12, batch_size=4, eval_fraction=0.2, lora_r=4, progress=False)
+    result = train_arm(config)
+    assert result["eval_initial"]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result["eval"]["accuracy"] > 0.9 and result["eval"]["loss"] < result["eval_initial"]["loss"]
+    meta = json.loads((root / "dpo" / ARM_METADATA).read_text())
+    assert meta["loss"] == "dpo"
+    w, l, rw, rl = (torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0]))
+    assert float(fusion.dpo_loss(w, l, rw, rl, 0.5)) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import CliError
+from .errors import DataError
 from .prompts import prompt_ids, response_ids
 
 LAYOUTS = ("auto", "jsonl", "hh", "pku")
@@ -32,8 +32,6 @@ PKU_LABELS = {"helpfulness": "better_response_id", "harmlessness": "safer_respon
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(CliError):
-    """Bad preference data; the message names the file, line and field."""
 
 
 @dataclass

@@ -16,3 +16,15 @@ class ModelLoadError(GenarmError, RuntimeError):
 
 class RequestError(GenarmError, ValueError):
     """A bad request: unknown ARM, bad weight, empty or oversized prompt, bad option."""
+
+
+class DataError(GenarmError, ValueError):
+    """Unreadable or malformed data: the message names the file, the line and the field."""
+
+
+class TrainError(GenarmError, ValueError):
+    """A bad training option: the message names the option and what was expected."""
+
+
+class CliError(GenarmError):
+    """A bad command line."""

@@ -9,13 +9,11 @@ folder plus genarm_arm.json (models.ARM_METADATA), which the engine reads when i
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import random
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,17 +21,15 @@ from pathlib import Path
 import torch
 
 from . import fusion
-from .cli import CliError
 from .config import ModelSource, load_config
 from .data import (LAYOUTS, PKU_LABELS, DataError, EncodedPair, collate, encode_pairs, file_sha256,
                    length_batches, read_pairs)
+from .errors import TrainError
 from .models import ARM_METADATA, eos_ids, load_source, tokenizer_fingerprint
 
 METRICS_LOG = "train_log.jsonl"
 
 
-class TrainError(CliError):
-    """A bad training option."""
 
 
 @dataclass
@@ -258,20 +254,6 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class MetricsLog:
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a") if path else None
-
-    def write(self, record: dict):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
 def _base_source(c: TrainConfig):
     """The base's source, and the prompt formatting to train with (the profile's, so that
     training sees what decoding sees)."""
@@ -294,11 +276,43 @@ def sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def train_arm(c: TrainConfig) -> dict:
-    """Trains one ARM and writes the adapter folder; returns what happened (metrics, paths)."""
+@dataclass
+class Run:
+    """Everything one training run holds, passed whole to the loop and the callbacks."""
+    c: TrainConfig
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    params: list
+    train: list
+    held: list
+    vocab: int
+    pad: int
+    total_steps: int
+    per_process: int
+    out: Path
+    info: dict  # source, chat_template, system_prompt, eos, data, mixed_precision, tokenizer
+    step: int = 0
+    epoch: int = 0
+    pairs_seen: int = 0
+    train_seconds: float = 0.0
+    loss: float = 0.0  # the last batch's
+    correct: float = 0.0
+    batch_pairs: int = 0
+    history: list = field(default_factory=list)  # held-out evaluations
+    initial: dict | None = None
+    final: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(c: TrainConfig) -> Run:
+    """Data, model, LoRA, optimiser and schedule: everything before the first step."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     check_config(c)
@@ -307,245 +321,185 @@ def train_arm(c: TrainConfig) -> dict:
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed)
-    main = accelerator.is_main_process
     set_seed(c.seed)
-
     train, held, data_info = read_data(c)
     tokenizer, model = load_base(source)
-    vocab, pad = len(tokenizer), tokenizer.pad_token_id
     eos = eos_id(model, tokenizer)
     train, held, data_info = encode_data(c, train, held, data_info, tokenizer, eos, chat_template, system_prompt)
-
     model = add_lora(model, c)
     model.train()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = max(len(length_batches(train, c.batch_size, c.seed)) // world, 1)
+    per_process = max(len(length_batches(train, c.batch_size, c.seed)) // accelerator.num_processes, 1)
     total_steps = math.ceil(per_process / c.grad_accum) * c.epochs
-    if c.max_steps:
-        total_steps = min(total_steps, c.max_steps)
+    total_steps = min(total_steps, c.max_steps) if c.max_steps else total_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     # the schedule counts our optimizer steps, so it stays out of accelerator.prepare (which
     # would step it once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(c.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    info = {"source": source, "chat_template": chat_template, "system_prompt": system_prompt, "eos": eos,
+            "data": data_info, "mixed_precision": mixed, "tokenizer": tokenizer}
+    return Run(c, accelerator, model, optimizer, scheduler, params, train, held, len(tokenizer),
+               tokenizer.pad_token_id, total_steps, per_process, Path(c.output_dir), info)
 
-    out = Path(c.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_LOG).unlink(missing_ok=True)
-    log = MetricsLog(out / METRICS_LOG if main else None)
-    log.write({"event": "start", "objective": c.objective, "base_model": source.describe(),
-               "train_pairs": len(train), "eval_pairs": len(held), "skipped": data_info["skipped"],
-               "optimizer_steps": total_steps,
-               "processes": world, "mixed_precision": mixed, "device": str(accelerator.device)})
 
-    history = []
-
-    def run_eval(step):
-        if not held:
-            return None
-        metrics = evaluate(model, held, c, pad, vocab, accelerator)
-        history.append({"step": step, **metrics})
-        log.write({"event": "eval", "step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        return metrics
-
-    initial = run_eval(0)
-    bar = tqdm(total=total_steps, desc=f"train {c.objective}", disable=not (c.progress and main),
-               dynamic_ncols=True)
-    step, pairs_seen, train_seconds = 0, 0, 0.0
-    window = {"loss": 0.0, "correct": 0.0, "pairs": 0}
-    done = False
-    for epoch in range(c.epochs):
-        batches = length_batches(train, c.batch_size, c.seed + epoch)[rank::world][:per_process]
+def train_steps(run: Run, on_step):
+    """The loop: batches, forward, backward, optimizer steps; on_step(run) after each one."""
+    c, acc = run.c, run.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    for run.epoch in range(c.epochs):
+        batches = length_batches(run.train, c.batch_size, c.seed + run.epoch)[rank::world][:run.per_process]
         for i, idx in enumerate(batches):
             t0 = time.perf_counter()
             group_start = i - i % c.grad_accum
             group = min(c.grad_accum, len(batches) - group_start)
             last = i + 1 == group_start + group
-            batch = collate([train[j] for j in idx], pad).to(accelerator.device)
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync:
-                loss, logp_w, logp_l = batch_loss(model, batch, vocab, c.beta, c.gamma, c.length_normalise,
-                                                    c.nll_weight, dpo=c.loss == "dpo")
-                accelerator.backward(loss / group)
+            batch = collate([run.train[j] for j in idx], run.pad).to(acc.device)
+            with contextlib.nullcontext() if last else acc.no_sync(run.model):
+                loss, logp_w, logp_l = batch_loss(run.model, batch, run.vocab, c.beta, c.gamma, c.length_normalise,
+                                                  c.nll_weight, dpo=c.loss == "dpo")
+                acc.backward(loss / group)
             if last:
-                accelerator.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["loss"] += float(loss.detach()) * len(idx)  # a host sync: the step is done
-            window["correct"] += float((logp_w > logp_l).sum().detach())
-            window["pairs"] += len(idx)
-            train_seconds += time.perf_counter() - t0
-            pairs_seen += len(idx) * world
-            if not last:
-                continue
-            step += 1
-            bar.update(1)
-            if step % c.log_every == 0 or step == total_steps:
-                n = max(window["pairs"], 1)
-                record = {"event": "train", "step": step, "epoch": epoch, "loss": window["loss"] / n,
-                          "accuracy": window["correct"] / n, "lr": scheduler.get_last_lr()[0],
-                          "pairs_seen": pairs_seen, "pairs_per_s": pairs_seen / max(train_seconds, 1e-9)}
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-                window = {"loss": 0.0, "correct": 0.0, "pairs": 0}
-            if c.eval_every and step % c.eval_every == 0 and step < total_steps:
-                run_eval(step)
-            if step >= total_steps:
-                done = True
-                break
-        if done:
-            break
-    bar.close()
-    final = run_eval(step)
+                acc.clip_grad_norm_(run.params, c.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            run.loss += float(loss.detach()) * len(idx)  # a host sync: the step is done
+            run.correct += float((logp_w > logp_l).sum().detach())
+            run.batch_pairs += len(idx)
+            run.train_seconds += time.perf_counter() - t0
+            run.pairs_seen += len(idx) * world
+            if last:
+                run.step += 1
+                on_step(run)
+                if run.step >= run.total_steps:
+                    return
 
-    accelerator.wait_for_everyone()
+
+# ---- callbacks: evaluation, the metrics log, the progress bar ---------------------------------
+class Evaluation:
+    """Held-out evaluation at the start, every eval_every steps and at the end."""
+
+    def start(self, run: Run):
+        run.initial = self(run)
+
+    def step(self, run: Run):
+        if run.c.eval_every and run.step % run.c.eval_every == 0 and run.step < run.total_steps:
+            self(run)
+
+    def end(self, run: Run):
+        run.final = self(run)
+
+    def __call__(self, run: Run) -> dict | None:
+        if not run.held:
+            return None
+        metrics = evaluate(run.model, run.held, run.c, run.pad, run.vocab, run.accelerator)
+        run.history.append({"step": run.step, **metrics})
+        return metrics
+
+
+class MetricsLog:
+    """OUT/train_log.jsonl: start, train (every log_every steps), eval and end records."""
+
+    def __init__(self, run: Run):
+        path = run.out / METRICS_LOG
+        if run.main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        self.file = open(path, "a") if run.main else None
+        self.evals = 0
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def _new_evals(self, run: Run):
+        for ev in run.history[self.evals:]:
+            self.write({"event": "eval", "step": ev["step"], **{f"eval_{k}": v for k, v in ev.items() if k != "step"}})
+        self.evals = len(run.history)
+
+    def start(self, run: Run):
+        self.write({"event": "start", "objective": run.c.objective, "loss": run.c.loss,
+                    "base_model": run.info["source"].describe(), "train_pairs": len(run.train),
+                    "eval_pairs": len(run.held), "skipped": run.info["data"]["skipped"],
+                    "optimizer_steps": run.total_steps, "processes": run.accelerator.num_processes,
+                    "mixed_precision": run.info["mixed_precision"], "device": str(run.accelerator.device)})
+        self._new_evals(run)
+
+    def step(self, run: Run):
+        if run.step % run.c.log_every == 0 or run.step == run.total_steps:
+            n = max(run.batch_pairs, 1)
+            self.write({"event": "train", "step": run.step, "epoch": run.epoch, "loss": run.loss / n,
+                        "accuracy": run.correct / n, "lr": run.scheduler.get_last_lr()[0],
+                        "pairs_seen": run.pairs_seen, "pairs_per_s": run.pairs_seen / max(run.train_seconds, 1e-9)})
+            run.loss, run.correct, run.batch_pairs = 0.0, 0.0, 0
+        self._new_evals(run)
+
+    def end(self, run: Run):
+        self._new_evals(run)
+        self.write({"event": "end", "step": run.step, "train_seconds": run.train_seconds,
+                    "pairs_per_s": run.pairs_seen / max(run.train_seconds, 1e-9), "peak_rss_mb": peak_memory_mb()})
+        if self.file:
+            self.file.close()
+
+
+class ProgressBar:
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=run.total_steps, desc=f"train {run.c.objective}", dynamic_ncols=True,
+                        disable=not (run.c.progress and run.main))
+
+    def start(self, run: Run):
+        pass
+
+    def step(self, run: Run):
+        self.bar.update(1)
+
+    def end(self, run: Run):
+        self.bar.close()
+
+
+def save(run: Run) -> dict:
+    """The adapter folder: PEFT's files (LoRA matrices only) and genarm_arm.json; returns the metadata."""
+    c, info = run.c, run.info
+    run.accelerator.wait_for_everyone()
     metadata = {
         "objective": c.objective, "loss": c.loss, "beta": c.beta, "gamma": c.gamma,
-        "length_normalise": c.length_normalise,
-        "base_model": source.describe(), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "chat_template": chat_template, "system_prompt": system_prompt, "eos_id": eos,
-        "heldout_accuracy": final["accuracy"] if final else None,
-        "data": data_info, "eval": final, "eval_initial": initial,
+        "length_normalise": c.length_normalise, "base_model": info["source"].describe(),
+        "tokenizer_fingerprint": tokenizer_fingerprint(info["tokenizer"]), "chat_template": info["chat_template"],
+        "system_prompt": info["system_prompt"], "eos_id": info["eos"],
+        "heldout_accuracy": run.final["accuracy"] if run.final else None,
+        "data": info["data"], "eval": run.final, "eval_initial": run.initial,
         "hyperparameters": {k: v for k, v in asdict(c).items()
                             if k not in ("data", "eval_data", "output_dir", "progress", "objective")},
-        "steps": step, "pairs_seen": pairs_seen, "processes": world, "mixed_precision": mixed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "steps": run.step, "pairs_seen": run.pairs_seen, "processes": run.accelerator.num_processes,
+        "mixed_precision": info["mixed_precision"], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if main:
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
         # the base weights are frozen: the adapter holds the LoRA matrices only, even with lm_head targeted
-        accelerator.unwrap_model(model).save_pretrained(str(out), safe_serialization=True,
-                                                        save_embedding_layers=False)
-        sort_target_modules(out / "adapter_config.json")
-        (out / ARM_METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
-    log.write({"event": "end", "step": step, "train_seconds": train_seconds,
-               "pairs_per_s": pairs_seen / max(train_seconds, 1e-9), "peak_rss_mb": peak_memory_mb()})
-    log.close()
-    return {"output_dir": str(out), "steps": step, "pairs_seen": pairs_seen, "train_seconds": train_seconds,
-            "pairs_per_s": pairs_seen / max(train_seconds, 1e-9), "eval": final, "eval_initial": initial,
-            "eval_history": history, "metadata": metadata, "peak_rss_mb": peak_memory_mb()}
+        run.accelerator.unwrap_model(run.model).save_pretrained(str(run.out), safe_serialization=True,
+                                                                save_embedding_layers=False)
+        sort_target_modules(run.out / "adapter_config.json")
+        (run.out / ARM_METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+    return metadata
 
 
-# ---- command line ------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    """'0,1,4-7' -> [0, 1, 4, 5, 6, 7]"""
-    out = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like 0,1,4-7, got {text!r}") from None
-    return out
-
-
-def _names(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected module names like q_proj,v_proj (or all-linear)")
-    return names
-
-
-class _Help(argparse.HelpFormatter):
-    """Shows the default after each option's help where there is one worth showing."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if "default" not in text and not flag and action.default not in (None, [], argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-def add_train_parser(subparsers):
-    d = TrainConfig(data=[], objective="", output_dir="")
-    t = subparsers.add_parser(
-        "train", help="train an ARM (LoRA adapter) on preference pairs",
-        description="Train an autoregressive reward model: a LoRA adapter on the profile's base (or "
-                    "--base-path) with loss -log sigmoid(beta * (logp(chosen) - logp(rejected)) - gamma). "
-                    "Writes a PEFT adapter folder with genarm_arm.json, ready for an `adapter:` ARM.",
-        formatter_class=_Help)
-    g = t.add_argument_group("data")
-    g.add_argument("--data", action="append", required=True, metavar="FILE",
-                   help="preference pairs, JSONL (repeatable)")
-    g.add_argument("--layout", choices=LAYOUTS, default=d.layout,
-                   help="jsonl: prompt/chosen/rejected; hh: Anthropic HH-RLHF transcripts; pku: "
-                        "PKU-SafeRLHF; auto: guess from the first record")
-    g.add_argument("--pku-label", choices=sorted(PKU_LABELS),
-                   help="which PKU-SafeRLHF label picks the chosen response (default: the objective "
-                        "when it is helpfulness or harmlessness)")
-    g.add_argument("--eval-data", action="append", default=[], metavar="FILE",
-                   help="held-out pairs (repeatable); without it, --eval-fraction of --data is held out")
-    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
-                   help="fraction of --data held out for evaluation when no --eval-data is given")
-    g.add_argument("--max-length", type=int, default=d.max_length,
-                   help="most tokens of prompt + response per pair")
-    g.add_argument("--overlong", choices=("skip", "truncate"), default=d.overlong,
-                   help="what to do with a pair over --max-length: skip it, or cut its responses' tails")
-    g.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=None,
-                   help="format prompts as raw text (default: the profile's setting)")
-    g.add_argument("--system-prompt", help="system message for every prompt (default: the profile's)")
-    o = t.add_argument_group("objective")
-    o.add_argument("--objective", required=True, help="name of the ARM's objective, e.g. helpfulness")
-    o.add_argument("--beta", type=float, default=d.beta,
-                   help="reward scale; official: 0.5 helpfulness, 0.01 harmlessness, 0.05 HH-RLHF")
-    o.add_argument("--gamma", type=float, default=d.gamma, help="target reward margin")
-    o.add_argument("--nll-weight", type=float, default=d.nll_weight,
-                   help="add this times the chosen answers' mean token NLL to the loss: keeps the ARM a "
-                        "fluent LM when training long (0: the plain GenARM loss)")
-    o.add_argument("--length-normalise", action="store_true",
-                   help="divide each response's log-prob by its length")
-    o.add_argument("--loss", choices=("arm", "dpo"), default=d.loss,
-                   help="arm: the GenARM loss (an ARM for guided decoding); dpo: a DPO policy adapter "
-                        "(reference = the base, adapter off), the training-time baseline")
-    m = t.add_argument_group("model and LoRA")
-    m.add_argument("--base-path", help="base model folder (default: the profile's base)")
-    m.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
-    m.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scaling: the update is scaled by alpha / r")
-    m.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA input")
-    m.add_argument("--target-modules", type=_names, default=",".join(d.target_modules),
-                   help="comma-separated module names to adapt, or all-linear")
-    m.add_argument("--lora-layers", type=_int_list,
-                   help="only adapt these layers, e.g. 0-5,10 (peft layers_to_transform; default: all)")
-    p = t.add_argument_group("optimisation")
-    p.add_argument("--lr", dest="learning_rate", type=float, default=d.learning_rate, help="AdamW peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help="fraction of the steps spent warming up, then cosine decay")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="pairs per forward per device (pairs of similar length are batched together)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="batches per optimizer step")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=d.mixed_precision,
-                   help="auto: bf16 on a GPU that supports it, else full precision")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds the LoRA init, the held-out split and the batch order")
-    r = t.add_argument_group("output")
-    r.add_argument("--out", dest="output_dir", required=True, help="adapter folder to write")
-    r.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="evaluate on the held-out pairs every N optimizer steps (0: only at the start and end)")
-    r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="pairs per forward when evaluating")
-    r.add_argument("--log-every", type=int, default=d.log_every,
-                   help=f"write training metrics to OUT/{METRICS_LOG} every N steps")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    t.set_defaults(func=cmd_train)
-    return t
-
-
-def cmd_train(args):
-    fields = set(TrainConfig.__dataclass_fields__)
-    values = {k: v for k, v in vars(args).items() if k in fields and k not in ("profile",)}
-    config = TrainConfig(config_path=args.config, profile=args.profile, **values)
-    result = train_arm(config)
-    ev, data = result["eval"], result["metadata"]["data"]
-    summary = (f"wrote {result['output_dir']}: {data['train_pairs']} training pairs "
-               f"({data['skipped']} skipped as over --max-length, {data['train']['truncated']} truncated, "
-               f"{data['train']['skipped_identical']} with identical responses skipped), {result['steps']} steps, "
-               f"{result['pairs_per_s']:.2f} pairs/s")
-    if ev:
-        summary += f"; held-out accuracy {ev['accuracy']:.3f}, margin {ev['margin']:.4f} ({ev['pairs']} pairs)"
-    print(summary, file=sys.stderr)
+def train_arm(c: TrainConfig) -> dict:
+    """Trains one ARM (or, with loss "dpo", a DPO policy) and writes the adapter folder; returns
+    what happened (metrics, paths)."""
+    run = setup(c)
+    evaluation = Evaluation()
+    callbacks = [evaluation, MetricsLog(run), ProgressBar(run)]  # evaluation first: the log reports it
+    for cb in callbacks:
+        cb.start(run)
+    train_steps(run, lambda r: [cb.step(r) for cb in callbacks])
+    for cb in callbacks:
+        cb.end(run)
+    metadata = save(run)
+    rate = run.pairs_seen / max(run.train_seconds, 1e-9)
+    return {"output_dir": str(run.out), "steps": run.step, "pairs_seen": run.pairs_seen,
+            "train_seconds": run.train_seconds, "pairs_per_s": rate, "eval": run.final, "eval_initial": run.initial,
+            "eval_history": run.history, "metadata": metadata, "peak_rss_mb": peak_memory_mb()}

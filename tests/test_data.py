@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from genarm_core.cli import CliError
+from genarm_core.errors import GenarmError
 from genarm_core.data import (DataError, EncodedPair, PreferencePair, collate, encode_pairs, length_batches,
                               read_pairs)
 from genarm_core.prompts import prompt_ids, response_ids
@@ -99,7 +99,7 @@ def test_malformed_record_names_file_line_and_field(tmp_path, layout, record, fi
     with pytest.raises(DataError) as e:
         read_pairs(f, layout, "helpfulness")
     assert f"{f}:3:" in str(e.value) and field in str(e.value)
-    assert isinstance(e.value, CliError)  # the CLI prints "error: ..." and exits 2
+    assert isinstance(e.value, GenarmError)  # the CLI prints "error: ..." and exits 2
 
 
 def test_missing_file_and_empty_file(tmp_path):

@@ -112,24 +112,24 @@ def locate(source: ModelSource, what: str) -> tuple[str, dict]:
     return location, kwargs
 
 
+def _from_pretrained(auto, source: ModelSource, what: str, part: str):
+    location, kwargs = locate(source, what)
+    try:
+        return auto.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{what}: cannot load the {part} from {source.describe()}: {e}") from None
+
+
 def load_tokenizer(source: ModelSource, what: str):
     from transformers import AutoTokenizer
 
-    location, kwargs = locate(source, what)
-    try:
-        return AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{what}: cannot load the tokenizer from {source.describe()}: {e}") from None
+    return _from_pretrained(AutoTokenizer, source, what, "tokenizer")
 
 
 def load_config_of(source: ModelSource, what: str):
     from transformers import AutoConfig
 
-    location, kwargs = locate(source, what)
-    try:
-        return AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{what}: cannot read the model config from {source.describe()}: {e}") from None
+    return _from_pretrained(AutoConfig, source, what, "model config")
 
 
 def load_source(source: ModelSource, what: str, device: str, dtype: torch.dtype):

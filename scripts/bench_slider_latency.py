@@ -96,9 +96,9 @@ def bench_engine(engine, reps: int, warm_tokens: int, options: SamplingOptions, 
 def bench_gradio(engine, reps: int, warm_tokens: int, options: SamplingOptions) -> list[float]:
     from gradio_client import Client
 
-    import app
+    from demo import build_demo
 
-    demo = app.build_demo(engine)
+    demo = build_demo(engine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -110,7 +110,8 @@ def bench_gradio(engine, reps: int, warm_tokens: int, options: SamplingOptions) 
 
         def inputs(w):
             return (engine.profile.name, PROMPT, False, options.temperature, options.top_p,
-                    options.max_new_tokens, options.seed, False, *([w] * n), *([0.0] * n))
+                    options.max_new_tokens, options.seed, False, options.repetition_penalty,
+                    options.no_repeat_ngram_size, options.min_p, *([w] * n), *([0.0] * n))
 
         for r in range(reps):
             job = client.submit(*inputs(1.0), api_name="/generate")

@@ -11,9 +11,10 @@ import yaml
 from conftest import engine_for
 from genarm_core import SamplingOptions
 
-import app
+from demo import build_app
 
 PROMPT = "Tell me about tea."
+NO_RULES = (1.0, 0, 0.0)  # repetition penalty, no-repeat n-gram size, min-p: off
 
 
 def free_port() -> int:
@@ -39,17 +40,17 @@ def args(engine, prompt=PROMPT, wa=None, wb=None, compare=False, temperature=0.0
     names = engine.arm_names
     wa = [wa.get(n, 0.0) for n in names] if wa else [1.0] * len(names)
     wb = [wb.get(n, 0.0) for n in names] if wb else [0.0] * len(names)
-    return (engine.profile.name, prompt, compare, temperature, 0.9, max_new, seed, normalised, *wa, *wb)
+    return (engine.profile.name, prompt, compare, temperature, 0.9, max_new, seed, normalised, *NO_RULES, *wa, *wb)
 
 
 @pytest.fixture(scope="module")
 def served(engine):
     from gradio_client import Client
 
-    demo = app.build_demo(engine)
-    url = launch(demo)
+    demo = build_app(engine)
+    url = launch(demo.blocks)
     yield demo, url, lambda: Client(url, verbose=False)
-    demo.close()
+    demo.blocks.close()
 
 
 def expected(engine, prompt, weights_list, max_new=16, seed=0):
@@ -79,9 +80,9 @@ def test_cancel_stops_the_stream_and_frees_it(served, engine):
         time.sleep(0.01)
     job.cancel()
     deadline = time.time() + 5
-    while demo.genarm_active_streams and time.time() < deadline:
+    while demo.active and time.time() < deadline:
         time.sleep(0.05)
-    assert not demo.genarm_active_streams  # the server closed the generator and freed the stream
+    assert not demo.active  # the server closed the generator and freed the stream
     time.sleep(0.5)
     last = [o for o in job.outputs() if o[4]][-1]
     assert int(last[4].split()[0]) < 200  # the steered pane stopped early
@@ -161,18 +162,18 @@ def test_bad_requests_give_clear_messages(served, engine):
 
 def test_sweep_streams_points(served, engine):
     _, _, client = served
-    job = client().submit(engine.profile.name, PROMPT, 0.0, 0.9, 6, 0, False, 2, api_name="/sweep")
+    job = client().submit(engine.profile.name, PROMPT, 0.0, 0.9, 6, 0, False, *NO_RULES, 2, api_name="/sweep")
     outputs = list(job)
     assert "4 weight settings" in job.result()[1]
     assert any("Sweeping: " in o[1] for o in outputs)
 
 
-def banner_text(demo) -> str:
-    return "\n".join(str(b.value) for b in demo.blocks.values() if type(b).__name__ == "Markdown")
+def banner_text(app) -> str:
+    return "\n".join(str(b.value) for b in app.blocks.blocks.values() if type(b).__name__ == "Markdown")
 
 
 def test_profile_without_arms_runs_base_only(tiny):
-    demo = app.build_demo(engine_for(tiny["root"] / "base", []))
+    demo = build_app(engine_for(tiny["root"] / "base", []))
     assert "no reward models" in banner_text(demo)
 
 
@@ -183,28 +184,28 @@ def test_missing_adapters_and_unloadable_profiles_give_messages(tiny, tmp_path):
         "hubonly": {"base": {"hub": "genarm-test/does-not-exist"}, "device": "cpu", "dtype": "float32"}}}
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(config))
-    demo = app.build_demo(config_path=path)
+    demo = build_app(config_path=path)
     assert "base model only" in banner_text(demo) and "missing_adapter" in banner_text(demo)
-    engine, note = demo.genarm_engines.get("hubonly")
+    engine, note = demo.engines.get("hubonly")
     assert engine is None and "cannot be loaded" in note and "Traceback" not in note
 
     from gradio_client import Client
 
-    url = launch(demo)
+    url = launch(demo.blocks)
     try:
         c = Client(url, verbose=False)
-        out = c.predict("tiny", PROMPT, False, 0.0, 0.9, 4, 0, False, 1.0, 0.0, api_name="/generate")
+        out = c.predict("tiny", PROMPT, False, 0.0, 0.9, 4, 0, False, *NO_RULES, 1.0, 0.0, api_name="/generate")
         assert "Done" in out[6] and pane_text(out[0]) == pane_text(out[1])  # base only: equal panes
-        out = c.predict("hubonly", PROMPT, False, 0.0, 0.9, 4, 0, False, 1.0, 0.0, api_name="/generate")
+        out = c.predict("hubonly", PROMPT, False, 0.0, 0.9, 4, 0, False, *NO_RULES, 1.0, 0.0, api_name="/generate")
         assert "cannot be loaded" in out[6]
     finally:
-        demo.close()
+        demo.blocks.close()
 
 
 def test_broken_config_starts_with_a_message(tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text("profiles: [1, 2]\n")
-    demo = app.build_demo(config_path=path)
+    demo = build_app(config_path=path)
     assert "models.yaml cannot be read" in banner_text(demo)
 
 
@@ -214,10 +215,10 @@ def test_only_the_listed_profiles_are_offered(tiny, tmp_path):
     config = {"default_profile": "tiny", "profiles": {"tiny": base, "big": {"base": {"hub": "someone/huge-7b"}}}}
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(config))
-    demo = app.build_demo(config_path=path)
-    assert list(demo.genarm_engines.profiles) == ["tiny"]
-    engine, note = demo.genarm_engines.get("big")
-    assert engine is None and "not offered" in note and not demo.genarm_engines.loaded("big")
+    demo = build_app(config_path=path)
+    assert list(demo.engines.profiles) == ["tiny"]
+    engine, note = demo.engines.get("big")
+    assert engine is None and "not offered" in note and not demo.engines.loaded("big")
 
 
 @pytest.mark.parametrize("position,value,message", [
@@ -227,7 +228,8 @@ def test_only_the_listed_profiles_are_offered(tiny, tmp_path):
     (4, 0.0, "less than minimum value 0.05"),
     (5, 10 ** 6, "greater than maximum value 512"),
     (1, "x" * 5000, "prompt: 5000 characters; this demo accepts at most 4000"),
-    (8, 99.0, "greater than maximum value 4"),
+    (11, 99.0, "greater than maximum value 4"),
+    (8, 0.0, "less than minimum value 1"),  # the repetition penalty slider
     (0, "tulu2-7b-hh", "is not in the list of choices"),  # the profile dropdown's own check
 ])
 def test_out_of_range_api_inputs_get_messages_not_traces(served, engine, position, value, message):

@@ -20,3 +20,17 @@ def test_no_script_edits_sys_path():
     needle = "sys.path." + "insert"  # (spelt apart so that this file passes its own check)
     for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py"), ROOT / "app.py"]:
         assert needle not in path.read_text(), path
+
+
+def test_demo_functions_fit_on_a_screen():
+    import ast
+
+    for path in (ROOT / "demo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 60, f"{path.name}: {node.name} is over 60 lines"
+
+
+def test_app_py_only_builds_and_launches():
+    text = (ROOT / "app.py").read_text()
+    assert "def " not in text and "build_app().launch(" in text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from demo import build_demo
 from dataclasses import replace
 
 from genarm_core import Engine, load_config, load_models
@@ -46,7 +46,7 @@ def default_engine(max_new_tokens=40):
 def test_page_generates_and_a_slider_drag_regenerates(tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
-    demo = app.build_demo(default_engine())
+    demo = build_demo(default_engine())
     url = launch(demo)
     try:
         with sync_playwright() as p:

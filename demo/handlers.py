@@ -1,0 +1,233 @@
+"""The demo's event handlers: module-level functions that take the page's Context first (bound
+with functools.partial when the events are wired) and return updates keyed by component."""
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from genarm_core import Engine, Pane, RequestError
+
+from .engines import Engines
+from .render import completion_record, sweep_figure
+from .requests import RunRequest, Sampling, check_busy, check_prompt, weights_of
+from .session import PaneView, Session
+
+PANE_KEYS = ("base", "a", "b")
+SWEEP_CHUNK = 3  # weight settings decoded together per batch in the trade-off sweep
+UPDATES_PER_SECOND = 12  # page updates per stream: each one costs the server Python time
+
+
+@dataclass
+class Context:
+    """What every handler needs: the page's components, the engines, the streams in flight."""
+    ui: "Layout"  # noqa: F821 - demo.layout.Layout
+    engines: Engines
+    n_sliders: int
+    active: weakref.WeakSet
+
+
+def _message(note: str) -> str:
+    return note.replace("*", "").replace("`", "")
+
+
+def pane_outputs(ctx: Context, views: dict[str, PaneView], betas: dict, status: str) -> dict:
+    ui = ctx.ui
+    out = {ui.status: status}
+    for key in PANE_KEYS:
+        out[ui.pane_html[key]] = views[key].html() if key in views else ""
+        out[ui.pane_stats[key]] = views[key].stats(betas) if key in views else ""
+    return out
+
+
+# ---- streaming the panes ----------------------------------------------------------------------
+def _start(ctx: Context, session: Session, steered_only: bool, req: RunRequest):
+    """Checks the request and starts its stream: (engine, stream, pane keys, views)."""
+    eng, note = ctx.engines.get(req.profile)
+    if eng is None:
+        raise RequestError(_message(note))
+    options = req.sampling.options(eng)
+    wa, wb = weights_of(eng, req.weights_a), weights_of(eng, req.weights_b)
+    check_prompt(req.prompt)
+    check_busy(eng)
+    key = (req.profile, req.prompt, options)
+    base_view = session.views.get("base")
+    keep_base = steered_only and session.key == key and base_view is not None and base_view.done
+    keys = ([] if keep_base else ["base"]) + ["a"] + (["b"] if req.compare else [])
+    panes = {"base": Pane({}, "base"), "a": Pane(wa, "A"), "b": Pane(wb, "B")}
+    stream = eng.stream(req.prompt, [panes[k] for k in keys], options)
+    t0 = time.perf_counter()
+    session.stream, session.panes, session.key = stream, {k: panes[k] for k in keys}, key
+    views = {k: PaneView(t0) for k in keys}
+    if keep_base:
+        views["base"] = base_view
+    session.views = views
+    return eng, stream, keys, views
+
+
+def run(ctx: Context, session: Session, steered_only: bool, *values) -> Iterator[dict]:
+    """Streams the panes of one request; the updates of the panes' HTML, stats and the status."""
+    session.stop()
+    try:
+        eng, stream, keys, views = _start(ctx, session, steered_only, RunRequest.parse(values, ctx.n_sliders))
+    except RequestError as e:
+        gr.Warning(str(e))
+        yield {ctx.ui.status: f"**Cannot generate:** {e}"}
+        return
+    ctx.active.add(stream)
+    betas = eng.models.betas
+    try:
+        if not stream.started.wait(0.25):
+            yield pane_outputs(ctx, views, betas, "Queued: the server is busy, your answer starts when a slot frees…")
+        yield pane_outputs(ctx, views, betas, "Generating…")
+        shown = 0.0
+        for i, step in enumerate(stream):
+            now = time.perf_counter()
+            for ev in step:
+                views[keys[ev.pane]].add(ev, now)
+            if i == 0 or now - shown >= 1 / UPDATES_PER_SECOND:
+                shown = now
+                yield pane_outputs(ctx, views, betas, "Generating…")
+        yield pane_outputs(ctx, views, betas, "Stopped." if stream.cancelled else "Done.")
+    finally:  # also runs when Gradio closes this generator (client cancel or disconnect)
+        stream.close()
+        ctx.active.discard(stream)
+        if session.stream is stream:
+            session.stream = None
+
+
+def generate(ctx: Context, session: Session, *values) -> Iterator[dict]:
+    yield from run(ctx, session, False, *values)
+
+
+def steer(ctx: Context, session: Session, *values) -> Iterator[dict]:
+    """A slider release: restarts the steered panes, keeping a finished base pane."""
+    yield from run(ctx, session, True, *values)
+
+
+def on_release(ctx: Context, session: Session, live: bool, *values) -> Iterator[dict]:
+    if live and session.running:  # live mode: the moves were already applied mid-stream
+        return
+    yield from run(ctx, session, True, *values)
+
+
+def stop(session: Session) -> None:
+    session.stop()
+
+
+def cancel_for_release(session: Session, live: bool) -> None:
+    if not (live and session.running):
+        session.stop()
+
+
+def live_update(ctx: Context, session: Session, live: bool, profile: str, normalised: bool, *sliders) -> None:
+    """Live mode: slider moves change the running panes' weights from the next token on."""
+    if not (live and session.running):
+        return
+    eng, _ = ctx.engines.get(profile)
+    n = ctx.n_sliders
+    try:
+        for key, values in (("a", sliders[:n]), ("b", sliders[n:])):
+            if key in session.panes:
+                session.panes[key].set_weights(eng.check_weights(weights_of(eng, values), normalised))
+    except RequestError as e:
+        gr.Warning(str(e))
+
+
+# ---- programs ---------------------------------------------------------------------------------
+def generate_json(ctx: Context, *values) -> dict:
+    """For programs: the panes' results as data (text, token ids, per-token log-probs under the
+    base, each ARM and the fused distribution, rewards, finish reason), not HTML."""
+    req = RunRequest.parse(values, ctx.n_sliders)
+    eng, note = ctx.engines.get(req.profile)
+    if eng is None:
+        raise gr.Error(_message(note))
+    try:
+        options = req.sampling.options(eng)
+        weights = {"base": {}, "a": weights_of(eng, req.weights_a), "b": weights_of(eng, req.weights_b)}
+        check_prompt(req.prompt)
+        check_busy(eng)
+        keys = ["base", "a"] + (["b"] if req.compare else [])
+        results = eng.generate(req.prompt, [weights[k] for k in keys], options)
+    except RequestError as e:
+        raise gr.Error(str(e)) from None
+    return {"profile": req.profile, "prompt": req.prompt, "options": options.as_dict(),
+            "panes": {k: completion_record(c, weights[k], eng.models.betas) for k, c in zip(keys, results)}}
+
+
+# ---- the page's other controls ------------------------------------------------------------------
+def slider_props(eng: Engine | None, i: int) -> dict:
+    arms = list(eng.profile.arms) if eng else []
+    if i >= len(arms):
+        return {"visible": False}
+    a = arms[i]
+    info = f"ARM '{a.name}', beta {eng.models.betas.get(a.name, 1.0):g}" + (f": {a.description}" if a.description else "")
+    return {"minimum": a.weight_min, "maximum": a.weight_max, "value": a.weight_default, "label": a.label,
+            "info": info, "visible": True}
+
+
+def change_profile(ctx: Context, session: Session, profile: str) -> dict:
+    """Loads the picked profile (if needed) and resets the sliders and sampling to its defaults."""
+    ui = ctx.ui
+    session.stop()
+    if not ctx.engines.loaded(profile):
+        gr.Info(f"Loading profile {profile}…")
+    eng, note = ctx.engines.get(profile)
+    out = {ui.banner: note, **{c: "" for c in [*ui.pane_html.values(), *ui.pane_stats.values(), ui.status]}}
+    for i in range(ctx.n_sliders):
+        out[ui.sliders_a[i]] = out[ui.sliders_b[i]] = gr.Slider(**slider_props(eng, i))
+    if eng is not None:
+        d = eng.profile.defaults
+        out.update({ui.sampling[name]: getattr(d, name) for name in ui.sampling})
+    return out
+
+
+def toggle_compare(ctx: Context, compare: bool) -> dict:
+    ui = ctx.ui
+    return {ui.col_b: gr.Column(visible=compare), ui.col_weights_b: gr.Column(visible=compare),
+            ui.a_title: "#### GenARM A" if compare else "#### GenARM (your weights)",
+            ui.weights_a_title: "**Weights A**" if compare else "**Weights**"}
+
+
+def next_seed(seed) -> int:
+    return int(seed or 0) + 1
+
+
+def sweep(ctx: Context, profile: str, prompt: str, *values) -> Iterator[dict]:
+    """Decodes the prompt under a grid of the first two ARMs' weights; streams the points."""
+    ui = ctx.ui
+    *sampling, points = values
+    eng, note = ctx.engines.get(profile)
+    if eng is None or not eng.arm_names:
+        yield {ui.sweep_status: note or "This profile has no ARMs to sweep."}
+        return
+    try:
+        options = Sampling(*sampling).options(eng)
+        options = replace(options, max_new_tokens=min(options.max_new_tokens, 64))
+        eng.encode(check_prompt(prompt), options.max_new_tokens)
+    except RequestError as e:
+        gr.Warning(str(e))
+        yield {ui.sweep_status: f"**Cannot sweep:** {e}"}
+        return
+    arms, n = eng.profile.arms[:2], int(points)
+    axes = [[round(max(a.weight_min, 0.0) + (a.weight_max - max(a.weight_min, 0.0)) * i / (n - 1), 3)
+             for i in range(n)] for a in arms]
+    grid = [dict(zip([a.name for a in arms], combo)) for combo in itertools.product(*axes)]
+    names = [a.name for a in arms]
+    titles = (f"{names[0]} reward", f"{names[1]} reward") if len(names) > 1 else (f"{names[0]} weight",
+                                                                                   f"{names[0]} reward")
+    rows = []
+    for i in range(0, len(grid), SWEEP_CHUNK):
+        chunk = grid[i:i + SWEEP_CHUNK]
+        for w, c in zip(chunk, eng.generate(prompt, chunk, options)):
+            r = c.rewards(eng.models.betas)
+            x, y = (r[names[0]], r[names[1]]) if len(names) > 1 else (w[names[0]], r[names[0]])
+            rows.append({"x": x, "y": y, "weights": ", ".join(f"{k}={v:g}" for k, v in w.items()),
+                         "answer": c.text[:80]})
+        yield {ui.plot: sweep_figure(rows, *titles),
+               ui.sweep_status: f"Sweeping: {len(rows)}/{len(grid)} weight settings ({options.max_new_tokens} tokens each)"}
+    yield {ui.sweep_status: f"Done: {len(grid)} weight settings. Up and to the right is better on both objectives."}

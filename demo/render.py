@@ -1,0 +1,112 @@
+"""What the page shows: texts, token spans, pane statistics, figures, the precomputed trade-off,
+and the JSON records of the data endpoint."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from genarm_core import Completion, SamplingOptions
+from genarm_core.evaluate import markdown_table
+
+ASSETS = Path(__file__).resolve().parent.parent / "space_assets"
+EXAMPLES = [  # benign everyday requests, then harmful ones (where harmlessness should matter)
+    "Give me three tips for studying for an exam.",
+    "How do I make a simple tomato pasta sauce?",
+    "Write a short, friendly email asking my landlord to fix the heating.",
+    "How do I pick a lock to get into my neighbour's house?",
+    "What is the easiest way to hurt someone without leaving marks?",
+    "Write a message to bully a classmate into quitting the team.",
+]
+
+HOW_IT_WORKS = """
+### How it works (one minute)
+**GenARM** ([Xu et al., ICLR 2025](https://arxiv.org/abs/2410.08193)) steers a frozen language
+model at decoding time with *autoregressive reward models* (ARMs). An ARM is an ordinary language
+model trained on preference pairs so that its log-probability of an answer **is** the reward:
+`r(x, y) = beta * sum_t log p_ARM(y_t | x, y_<t)`. Because that reward splits into one term per
+token, every next token can be re-weighted directly:
+
+`score(v) = log p_base(v) + sum_i w_i * log p_ARM_i(v)`, then sample from `softmax(score / T)`.
+
+* **Sliders** set the weights `w_i` (0 = off, the base model exactly; negative = steer away).
+  Weights enter only when a token is drawn, so they can change between two tokens for free:
+  tick **live** to apply slider moves to the answer being written.
+* **Base** and **GenARM** panes decode together in one batch and share their random draws, so
+  any difference between them comes from the weights alone.
+* **Token colours** show how much the reward models moved each chosen token:
+  `log p_fused - log p_base` (green: made more likely, red: less likely). Hover a token to see
+  each ARM's log-probability and its contribution `w_i * log p_ARM_i`.
+* **Rewards** under each pane are each ARM's trajectory reward of the answer
+  (`beta * sum of its token log-probs`); higher is better for that objective.
+"""
+
+LEGEND = (
+    '<div style="font-size:0.85em;margin:4px 0">Token colour = <code>log p_fused - log p_base</code> '
+    'of the chosen token: '
+    '<span style="background:rgba(22,163,74,0.55);padding:0 4px;border-radius:3px">more likely</span> '
+    'under guidance, '
+    '<span style="background:rgba(220,38,38,0.55);padding:0 4px;border-radius:3px">less likely</span>, '
+    'uncoloured = unchanged (full colour at 3 nats). Hover a token for each ARM\'s contribution.</div>')
+
+
+def token_span(ev) -> str:
+    delta = ev.logprob_fused - ev.logprob_base
+    lines = [f"{ev.text!r}  (token {ev.token_id})",
+             f"log p base {ev.logprob_base:.3f} → fused {ev.logprob_fused:.3f}  (Δ {delta:+.3f})"]
+    for name, lp in ev.logprob_arms.items():
+        w = ev.weights.get(name, 0.0)
+        lines.append(f"{name}: w {w:g} × log p {lp:.3f} = {w * lp:+.3f}")
+    alpha = min(abs(delta) / 3.0, 1.0) * 0.6 if math.isfinite(delta) else 0.0
+    rgb = "22,163,74" if delta > 0 else "220,38,38"
+    style = f"background:rgba({rgb},{alpha:.2f});border-radius:3px" if alpha > 0.02 else ""
+    return (f'<span title="{html.escape(chr(10).join(lines), quote=True)}" style="{style}">'
+            f"{html.escape(ev.text)}</span>")
+
+
+def completion_record(c: Completion, weights: dict, betas: dict) -> dict:
+    """One pane's answer as data: what the JSON endpoint returns per pane."""
+    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "weights": weights,
+            "logprobs": {"base": c.logprobs_base, "arms": c.logprobs_arms, "fused": c.logprobs_fused},
+            "rewards": c.rewards(betas)}
+
+
+def options_record(options: SamplingOptions) -> dict:
+    return options.as_dict()
+
+
+def sweep_figure(rows: list[dict], x_title: str, y_title: str):
+    """The sweep's points, each labelled with its weights."""
+    from matplotlib.figure import Figure  # no pyplot: thread-safe
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.subplots()
+    xs, ys = [r["x"] for r in rows], [r["y"] for r in rows]
+    ax.scatter(xs, ys, c=range(len(rows)), cmap="viridis", s=40, zorder=3)
+    for r in rows:
+        ax.annotate(r["weights"], (r["x"], r["y"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(x_title)
+    ax.set_ylabel(y_title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_assets() -> tuple[str | None, str]:
+    """The precomputed trade-off (scripts/evaluate_tradeoff.py): its plot and a table."""
+    png, js = ASSETS / "tradeoff.png", ASSETS / "tradeoff.json"
+    if not js.exists():
+        return (str(png) if png.exists() else None), (
+            "*The precomputed helpfulness/harmlessness results (`space_assets/tradeoff.json` and "
+            "`tradeoff.png`) are not available yet.* Use the sweep below on your own prompt.")
+    try:
+        data = json.loads(js.read_text())
+        meta = data["meta"]
+        text = (f"Judged on {meta['prompts']} held-out prompts (everyday and harmful) x "
+                f"{len(meta['seeds'])} seeds, {meta['options']['max_new_tokens']} tokens per answer; "
+                "mean ± spread across seeds. *vs base*: everyday helpfulness minus the base's on the "
+                "same prompts and seeds, with a 95% bootstrap interval.\n\n" + markdown_table(data["summary"]))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        text = f"`{js.name}` could not be read: {e}"
+    return (str(png) if png.exists() else None), text

@@ -3,12 +3,11 @@ every session. Visitors can pick only the profiles under models.yaml's `demo:` l
 kept as messages for the page, never raised."""
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from dataclasses import replace
 
 from genarm_core import ConfigError, Engine, ModelLoadError, load_config, load_models
+from genarm_core.models import hub_reachable
 
 
 class Engines:
@@ -57,16 +56,6 @@ class Engines:
             except (ModelLoadError, ConfigError, OSError, ValueError, RuntimeError):
                 pass
         return None, f"**Profile `{name}` cannot be loaded.**\n\n`{first}`"
-
-
-def hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return True  # offline mode: transformers looks in the local cache and fails fast
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
 
 
 def notes_for(engine: Engine, profile) -> str:

@@ -35,10 +35,14 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """An ARM: a LoRA adapter on the base (`adapter`) or a standalone causal LM (`model`)."""
+    """An ARM: a LoRA adapter on the base (`adapter` only), a standalone causal LM (`model` only),
+    or a LoRA adapter on a backbone of its own (`model` and `adapter`: weak-to-strong, e.g. 135M
+    ARMs guiding a 1.7B base). ARMs on the same `model` run as rows of one backbone."""
     name: str
     label: str
-    adapter: str | None = None
+    adapter: str | None = None  # a local PEFT folder
+    adapter_hub: str | None = None  # or a hub repository of one (downloaded at load)
+    adapter_revision: str | None = None
     model: ModelSource | None = None
     beta: float | None = None  # None: read from the adapter's metadata
     weight_min: float = -2.0
@@ -65,7 +69,7 @@ class Profile:
     description: str = ""
     device: str = "auto"
     dtype: str = "auto"
-    chat_template: bool = True
+    chat_template: bool | str = True  # or a Jinja chat template of the profile's own
     system_prompt: str | None = None
     max_prompt_tokens: int | None = None
     defaults: SamplingOptions = field(default_factory=lambda: SamplingOptions(top_p=0.9))
@@ -142,15 +146,31 @@ def _model_source(data, where: str, root: Path) -> ModelSource:
                        revision=f.get("revision", str), gguf_file=f.get("gguf_file", str))
 
 
+def _adapter(data, where: str, root: Path):
+    """An adapter: a folder (a string, or {path}), or {hub, revision} -> (hub, revision)."""
+    if data is None:
+        return None
+    if isinstance(data, str):
+        return _resolve(data, root)
+    f = _Fields(data, where, {"path", "hub", "revision"})
+    path, hub = f.get("path", str), f.get("hub", str)
+    if (path is None) == (hub is None):
+        raise ConfigError(f"{where}: expected a folder, or exactly one of 'path' and 'hub'")
+    return _resolve(path, root) if path else (hub, f.get("revision", str))
+
+
 def _arm(data, where: str, root: Path) -> ArmSpec:
     f = _Fields(data, where, {"name", "label", "adapter", "model", "beta", "weight", "description"})
     name = f.get("name", str, required=True)
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"{where}.name: expected letters, digits, '-' or '_', got '{name}'")
-    adapter, model = f.get("adapter", str), f.get("model", dict)
-    if (adapter is None) == (model is None):
-        raise ConfigError(f"{where}: expected exactly one of 'adapter' (a LoRA adapter folder on "
-                          "the base) or 'model' (a standalone causal LM)")
+    adapter, model, hub, revision = _adapter(data.get("adapter") if isinstance(data, dict) else None,
+                                             f"{where}.adapter", root), f.get("model", dict), None, None
+    if isinstance(adapter, tuple):
+        adapter, hub, revision = None, *adapter
+    if adapter is None and hub is None and model is None:
+        raise ConfigError(f"{where}: expected 'adapter' (a LoRA adapter on the base), 'model' (a standalone "
+                          "causal LM) or both (a LoRA adapter on that model)")
     beta = f.get("beta", float)
     if beta is not None and beta <= 0:
         raise ConfigError(f"{where}.beta: expected a positive number, got {beta}")
@@ -160,7 +180,7 @@ def _arm(data, where: str, root: Path) -> ArmSpec:
     if not lo <= default <= hi:
         raise ConfigError(f"{where}.weight: expected min <= default <= max, got {lo}, {default}, {hi}")
     return ArmSpec(name=name, label=f.get("label", str, name.capitalize()),
-                   adapter=_resolve(adapter, root) if adapter else None,
+                   adapter=adapter, adapter_hub=hub, adapter_revision=revision,
                    model=_model_source(model, f"{where}.model", root) if model else None,
                    beta=beta, weight_min=lo, weight_max=hi, weight_default=default,
                    description=f.get("description", str, ""))
@@ -191,6 +211,14 @@ def _engine(data, where: str) -> EngineOptions:
                          forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows)
 
 
+def _chat_template(f: _Fields, where: str) -> bool | str:
+    """true: the tokenizer's chat template; false: raw text; a string: this Jinja template."""
+    value = f.data.get("chat_template", True)
+    if not isinstance(value, (bool, str)) or value == "":
+        raise ConfigError(f"{where}.chat_template: expected true, false or a Jinja template, got {value!r}")
+    return value
+
+
 def _profile(name: str, data, where: str, root: Path) -> Profile:
     f = _Fields(data, where, {"base", "arms", "description", "device", "dtype", "chat_template",
                               "system_prompt", "max_prompt_tokens", "defaults", "engine"})
@@ -210,7 +238,7 @@ def _profile(name: str, data, where: str, root: Path) -> Profile:
         raise ConfigError(f"{where}.max_prompt_tokens: expected an integer >= 1, got {max_prompt}")
     return Profile(name=name, base=_model_source(f.get("base", dict, required=True), f"{where}.base", root),
                    arms=arms, description=f.get("description", str, ""), device=device, dtype=dtype,
-                   chat_template=f.get("chat_template", bool, True),
+                   chat_template=_chat_template(f, where),
                    system_prompt=f.get("system_prompt", str), max_prompt_tokens=max_prompt,
                    defaults=_defaults(f.get("defaults", dict, default={}), f"{where}.defaults"),
                    engine=_engine(f.get("engine", dict, default={}), f"{where}.engine"))

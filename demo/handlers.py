@@ -3,32 +3,39 @@ with functools.partial when the events are wired) and return updates keyed by co
 from __future__ import annotations
 
 import itertools
+import json
+import tempfile
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import gradio as gr
 
 from genarm_core import Engine, Pane, RequestError
+from genarm_core.votes import Vote, VoteError, VoteStore
 
 from .engines import Engines
-from .render import completion_record, sweep_figure
+from .render import completion_record, run_record, sweep_frame
 from .requests import RunRequest, Sampling, check_busy, check_prompt, weights_of
 from .session import PaneView, Session
 
 PANE_KEYS = ("base", "a", "b")
 SWEEP_CHUNK = 3  # weight settings decoded together per batch in the trade-off sweep
 UPDATES_PER_SECOND = 12  # page updates per stream: each one costs the server Python time
+VOTE_CHOICES = {"Left is better": "A", "Right is better": "B", "Tie": "tie", "Both bad": "both_bad"}
 
 
 @dataclass
 class Context:
-    """What every handler needs: the page's components, the engines, the streams in flight."""
+    """What every handler needs: the page's components, the engines, the streams in flight, the
+    votes database."""
     ui: "Layout"  # noqa: F821 - demo.layout.Layout
     engines: Engines
     n_sliders: int
     active: weakref.WeakSet
+    votes: VoteStore
 
 
 def _message(note: str) -> str:
@@ -40,64 +47,152 @@ def pane_outputs(ctx: Context, views: dict[str, PaneView], betas: dict, status: 
     out = {ui.status: status}
     for key in PANE_KEYS:
         out[ui.pane_html[key]] = views[key].html() if key in views else ""
-        out[ui.pane_stats[key]] = views[key].stats(betas) if key in views else ""
+        out[ui.pane_stats[key]] = views[key].stats(betas, views.get("base")) if key in views else ""
+    return out
+
+
+def final_outputs(ctx: Context, session: Session, views: dict[str, PaneView], betas: dict, status: str) -> dict:
+    """The last update of a run: the panes, their plain text (copy buttons) and the run as JSON."""
+    ui = ctx.ui
+    out = pane_outputs(ctx, views, betas, status)
+    for key in PANE_KEYS:
+        out[ui.pane_text[key]] = views[key].completion.text if key in views else ""
+    path = Path(tempfile.mkdtemp(prefix="genarm-run-")) / "genarm_run.json"
+    path.write_text(json.dumps(run_record(session.run, views, betas), indent=1, ensure_ascii=False))
+    out[ui.download] = gr.DownloadButton(value=str(path), visible=True)
     return out
 
 
 # ---- streaming the panes ----------------------------------------------------------------------
-def _start(ctx: Context, session: Session, steered_only: bool, req: RunRequest):
-    """Checks the request and starts its stream: (engine, stream, pane keys, views)."""
+def _check(ctx: Context, req: RunRequest):
+    """The request's engine, options and weights, all checked (RequestError with the reason)."""
     eng, note = ctx.engines.get(req.profile)
     if eng is None:
         raise RequestError(_message(note))
     options = req.sampling.options(eng)
-    wa, wb = weights_of(eng, req.weights_a), weights_of(eng, req.weights_b)
+    weights = {"base": {}, "a": weights_of(eng, req.weights_a), "b": weights_of(eng, req.weights_b)}
     check_prompt(req.prompt)
     check_busy(eng)
+    return eng, options, weights
+
+
+def _start(ctx: Context, session: Session, steered_only: bool, req: RunRequest):
+    """Starts a run's stream: (engine, [(stream, its pane keys)], views)."""
+    eng, options, weights = _check(ctx, req)
     key = (req.profile, req.prompt, options)
     base_view = session.views.get("base")
     keep_base = steered_only and session.key == key and base_view is not None and base_view.done
     keys = ([] if keep_base else ["base"]) + ["a"] + (["b"] if req.compare else [])
-    panes = {"base": Pane({}, "base"), "a": Pane(wa, "A"), "b": Pane(wb, "B")}
+    panes = {k: Pane(weights[k], k) for k in PANE_KEYS}
     stream = eng.stream(req.prompt, [panes[k] for k in keys], options)
-    t0 = time.perf_counter()
-    session.stream, session.panes, session.key = stream, {k: panes[k] for k in keys}, key
-    views = {k: PaneView(t0) for k in keys}
+    session.streams, session.panes, session.key = [stream], {k: panes[k] for k in keys}, key
+    views = {k: PaneView(time.perf_counter()) for k in keys}
     if keep_base:
         views["base"] = base_view
+    session.run = {"profile": req.profile, "options": options.as_dict(), "weights": weights,
+                   "messages": {k: [{"role": "user", "content": req.prompt}] for k in PANE_KEYS}}
     session.views = views
-    return eng, stream, keys, views
+    return eng, [(stream, keys)], views
+
+
+def _drive(ctx: Context, session: Session, eng: Engine, streams: list, views: dict) -> Iterator[dict]:
+    """Yields the page's updates while the streams run; each stream's events go to its panes."""
+    betas = eng.models.betas
+    for stream, _ in streams:
+        ctx.active.add(stream)
+    try:
+        if not all(s.started.wait(0.25) for s, _ in streams):
+            yield pane_outputs(ctx, views, betas, "Queued: the server is busy, your answer starts when a slot frees…")
+        yield pane_outputs(ctx, views, betas, "Generating…")
+        live, shown, now = list(streams), 0.0, 0.0
+        while live:
+            for item in list(live):
+                step = next(item[0], None)
+                if step is None:
+                    live.remove(item)
+                    continue
+                now = time.perf_counter()
+                for ev in step:
+                    views[item[1][ev.pane]].add(ev, now)
+            if now - shown >= 1 / UPDATES_PER_SECOND:
+                shown = now
+                yield pane_outputs(ctx, views, betas, "Generating…")
+        stopped = any(s.cancelled for s, _ in streams)
+        yield final_outputs(ctx, session, views, betas, "Stopped." if stopped else "Done.")
+    finally:  # also runs when Gradio closes this generator (client cancel or disconnect)
+        for stream, _ in streams:
+            stream.close()
+            ctx.active.discard(stream)
+        if session.streams and session.streams[0] is streams[0][0]:
+            session.streams = []
 
 
 def run(ctx: Context, session: Session, steered_only: bool, *values) -> Iterator[dict]:
-    """Streams the panes of one request; the updates of the panes' HTML, stats and the status."""
+    """Streams the panes of one request; the updates of the panes, their stats and the status."""
     session.stop()
     try:
-        eng, stream, keys, views = _start(ctx, session, steered_only, RunRequest.parse(values, ctx.n_sliders))
+        eng, streams, views = _start(ctx, session, steered_only, RunRequest.parse(values, ctx.n_sliders))
     except RequestError as e:
         gr.Warning(str(e))
         yield {ctx.ui.status: f"**Cannot generate:** {e}"}
         return
-    ctx.active.add(stream)
-    betas = eng.models.betas
+    yield from _drive(ctx, session, eng, streams, views)
+
+
+def follow_up(ctx: Context, session: Session, text: str, *values) -> Iterator[dict]:
+    """A follow-up turn: each pane continues its own conversation (the chat template over the
+    whole history, whose length the profile's prompt limit checks)."""
+    session.stop()
+    req = RunRequest.parse(values, ctx.n_sliders)
     try:
-        if not stream.started.wait(0.25):
-            yield pane_outputs(ctx, views, betas, "Queued: the server is busy, your answer starts when a slot frees…")
-        yield pane_outputs(ctx, views, betas, "Generating…")
-        shown = 0.0
-        for i, step in enumerate(stream):
-            now = time.perf_counter()
-            for ev in step:
-                views[keys[ev.pane]].add(ev, now)
-            if i == 0 or now - shown >= 1 / UPDATES_PER_SECOND:
-                shown = now
-                yield pane_outputs(ctx, views, betas, "Generating…")
-        yield pane_outputs(ctx, views, betas, "Stopped." if stream.cancelled else "Done.")
-    finally:  # also runs when Gradio closes this generator (client cancel or disconnect)
-        stream.close()
-        ctx.active.discard(stream)
-        if session.stream is stream:
-            session.stream = None
+        if not session.views or not session.run:
+            raise RequestError("ask a first question before a follow-up")
+        if not isinstance(text, str) or not text.strip():
+            raise RequestError("follow-up: type a message first")
+        eng, options, _ = _check(ctx, replace(req, prompt=text))
+        keys = list(session.views)
+        histories = {k: session.conversation(k) + [{"role": "user", "content": text}] for k in keys}
+        for k in keys:
+            eng.encode(histories[k], options.max_new_tokens)  # the limits hold over the whole history
+        panes = {k: Pane(session.panes[k].weights if k in session.panes else session.run["weights"][k], k)
+                 for k in keys}
+        streams = [(eng.stream(histories[k], [panes[k]], options), [k]) for k in keys]
+    except RequestError as e:
+        gr.Warning(str(e))
+        yield {ctx.ui.status: f"**Cannot follow up:** {e}"}
+        return
+    session.streams, session.panes, session.key = [s for s, _ in streams], panes, None
+    session.run = {**session.run, "options": options.as_dict(), "messages": histories}
+    views = {k: PaneView(time.perf_counter()) for k in keys}
+    session.views = views
+    yield {ctx.ui.follow_up: ""}
+    yield from _drive(ctx, session, eng, streams, views)
+
+
+def vote(ctx: Context, session: Session, helpfulness: str | None, harmlessness: str | None) -> dict:
+    """Stores the visitor's verdicts on the two panes side by side (left: base, or A when
+    comparing; right: GenARM A, or B) for each objective answered."""
+    ui = ctx.ui
+    left, right = ("a", "b") if "b" in session.views else ("base", "a")
+    if left not in session.views or right not in session.views or session.running:
+        return {ui.vote_status: "Vote once both answers are complete."}
+    verdicts = {"helpfulness": helpfulness, "harmlessness": harmlessness}
+    done, run = [], session.run
+    try:
+        for objective, choice in verdicts.items():
+            if choice:
+                ctx.votes.add(Vote(session=session.id, profile=run["profile"], objective=objective,
+                                   verdict=VOTE_CHOICES[choice], prompt=json.dumps(run["messages"][left]),
+                                   answer_a=session.views[left].completion.text,
+                                   answer_b=session.views[right].completion.text, weights_a=run["weights"][left],
+                                   weights_b=run["weights"][right], seed=run["options"]["seed"], options=run["options"]))
+                done.append(objective)
+    except VoteError as e:
+        return {ui.vote_status: f"**Vote not stored:** {e}"}
+    if not done:
+        return {ui.vote_status: "Pick a verdict for helpfulness, harmlessness or both."}
+    return {ui.vote_status: f"Thank you: your {' and '.join(done)} vote is stored.",
+            ui.vote_help: None, ui.vote_harm: None}
 
 
 def generate(ctx: Context, session: Session, *values) -> Iterator[dict]:
@@ -143,14 +238,8 @@ def generate_json(ctx: Context, *values) -> dict:
     """For programs: the panes' results as data (text, token ids, per-token log-probs under the
     base, each ARM and the fused distribution, rewards, finish reason), not HTML."""
     req = RunRequest.parse(values, ctx.n_sliders)
-    eng, note = ctx.engines.get(req.profile)
-    if eng is None:
-        raise gr.Error(_message(note))
     try:
-        options = req.sampling.options(eng)
-        weights = {"base": {}, "a": weights_of(eng, req.weights_a), "b": weights_of(eng, req.weights_b)}
-        check_prompt(req.prompt)
-        check_busy(eng)
+        eng, options, weights = _check(ctx, req)
         keys = ["base", "a"] + (["b"] if req.compare else [])
         results = eng.generate(req.prompt, [weights[k] for k in keys], options)
     except RequestError as e:
@@ -226,8 +315,8 @@ def sweep(ctx: Context, profile: str, prompt: str, *values) -> Iterator[dict]:
         for w, c in zip(chunk, eng.generate(prompt, chunk, options)):
             r = c.rewards(eng.models.betas)
             x, y = (r[names[0]], r[names[1]]) if len(names) > 1 else (w[names[0]], r[names[0]])
-            rows.append({"x": x, "y": y, "weights": ", ".join(f"{k}={v:g}" for k, v in w.items()),
-                         "answer": c.text[:80]})
-        yield {ui.plot: sweep_figure(rows, *titles),
+            rows.append({"x": x, "y": y, "setting": ", ".join(f"{k}={v:g}" for k, v in w.items()),
+                         "answer": c.text[:300]})
+        yield {ui.plot: sweep_frame(rows, *titles),
                ui.sweep_status: f"Sweeping: {len(rows)}/{len(grid)} weight settings ({options.max_new_tokens} tokens each)"}
     yield {ui.sweep_status: f"Done: {len(grid)} weight settings. Up and to the right is better on both objectives."}

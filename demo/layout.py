@@ -8,6 +8,7 @@ from functools import partial
 import gradio as gr
 
 from genarm_core import Engine, SamplingOptions
+from genarm_core.votes import VoteStore
 
 from . import handlers as h
 from .engines import Engines, read_profiles
@@ -36,12 +37,20 @@ class Layout:
     status: gr.Markdown
     pane_html: dict  # base, a, b
     pane_stats: dict
+    pane_text: dict  # the answers as plain text, with a copy button
+    download: gr.DownloadButton
+    follow_up: gr.Textbox
+    follow_button: gr.Button
+    vote_help: gr.Radio
+    vote_harm: gr.Radio
+    vote_button: gr.Button
+    vote_status: gr.Markdown
     a_title: gr.Markdown
     col_b: gr.Column
     points: gr.Slider
     sweep_button: gr.Button
     sweep_status: gr.Markdown
-    plot: gr.Plot
+    plot: gr.ScatterPlot
     json_out: gr.JSON
 
     @property
@@ -51,7 +60,9 @@ class Layout:
 
     @property
     def run_outputs(self) -> list:
-        return [*self.pane_html.values(), *self.pane_stats.values(), self.status]
+        """What a run updates; the first seven are the API's (panes' HTML, stats, status)."""
+        return [*self.pane_html.values(), *self.pane_stats.values(), self.status, *self.pane_text.values(),
+                self.download, self.follow_up]
 
 
 @dataclass
@@ -60,6 +71,7 @@ class App:
     blocks: gr.Blocks
     engines: Engines
     active: weakref.WeakSet  # streams in flight, all sessions
+    context: h.Context
 
     def launch(self, **kwargs):
         return self.blocks.launch(**kwargs)
@@ -104,7 +116,7 @@ def _controls(profiles: dict, default: str, eng: Engine | None, n_sliders: int) 
 
 
 def _panes() -> dict:
-    p = {"status": gr.Markdown("", elem_id="status"), "pane_html": {}, "pane_stats": {}}
+    p = {"status": gr.Markdown("", elem_id="status"), "pane_html": {}, "pane_stats": {}, "pane_text": {}}
     gr.HTML(LEGEND)
     with gr.Row(equal_height=False):
         for key, title in (("base", "#### Base (no guidance)"), ("a", "#### GenARM (your weights)"),
@@ -113,11 +125,30 @@ def _panes() -> dict:
                 md = gr.Markdown(title)
                 p["pane_html"][key] = gr.HTML(elem_id=f"pane-{key}")
                 p["pane_stats"][key] = gr.Markdown(elem_id=f"stats-{key}")
+                p["pane_text"][key] = gr.Textbox(label="Plain text", lines=2, max_lines=6, interactive=False,
+                                                 buttons=["copy"], elem_id=f"text-{key}")
             if key == "a":
                 p["a_title"] = md
             if key == "b":
                 p["col_b"] = column
+    with gr.Row():
+        p["follow_up"] = gr.Textbox(label="Follow-up", placeholder="Ask a follow-up: each pane continues its own "
+                                    "conversation", scale=4)
+        p["follow_button"] = gr.Button("Ask follow-up", scale=1)
+        p["download"] = gr.DownloadButton("Download this run (JSON)", visible=False, scale=1)
     return p
+
+
+def _votes() -> dict:
+    gr.Markdown("#### Which answer is better? Left: Base (or A when comparing); right: GenARM (or B). "
+                "Votes become preference pairs for training the next ARMs (`python -m genarm_core votes export`).")
+    choices = list(h.VOTE_CHOICES)
+    with gr.Row():
+        v = {"vote_help": gr.Radio(choices, label="More helpful", elem_id="vote-help"),
+             "vote_harm": gr.Radio(choices, label="More harmless", elem_id="vote-harm"),
+             "vote_button": gr.Button("Submit vote", elem_id="vote-submit")}
+    v["vote_status"] = gr.Markdown("", elem_id="vote-status")
+    return v
 
 
 def _tradeoff_tab() -> dict:
@@ -135,8 +166,10 @@ def _tradeoff_tab() -> dict:
     with gr.Row():
         points = gr.Slider(2, 5, value=3, step=1, label="Grid points per ARM")
         button = gr.Button("Sweep weights", variant="primary")
+    plot = gr.ScatterPlot(x="x", y="y", color="setting", tooltip=["setting", "answer"], label="Rewards per weight "
+                          "setting (hover a point for its answer)", height=420)
     return {"points": points, "sweep_button": button, "sweep_status": gr.Markdown("", elem_id="sweep-status"),
-            "plot": gr.Plot(label="Rewards per weight setting")}
+            "plot": plot}
 
 
 def _page(profiles: dict, default: str, eng: Engine | None, note: str, n_sliders: int) -> Layout:
@@ -156,6 +189,7 @@ def _page(profiles: dict, default: str, eng: Engine | None, note: str, n_sliders
             with gr.Column(scale=2):
                 parts.update(_controls(profiles, default, eng, n_sliders))
         parts.update(_panes())
+        parts.update(_votes())
         gr.Markdown(HOW_IT_WORKS)
     with gr.Tab("Trade-off"):
         parts.update(_tradeoff_tab())
@@ -191,21 +225,27 @@ def _wire(ctx: h.Context):
                       [ui.banner, *ui.sliders_a, *ui.sliders_b, *ui.sampling.values(), *outputs], **private)
     ui.sweep_button.click(bind(h.sweep, ctx), [ui.profile, ui.prompt, *ui.sampling.values(), ui.points],
                           [ui.plot, ui.sweep_status], api_name="sweep", **decode)
+    follow = [ui.session, ui.follow_up, *ui.run_inputs]
+    ui.follow_button.click(bind(h.follow_up, ctx), follow, outputs, api_name="follow_up", **decode)
+    ui.follow_up.submit(bind(h.follow_up, ctx), follow, outputs, **private, **decode)
+    ui.vote_button.click(bind(h.vote, ctx), [ui.session, ui.vote_help, ui.vote_harm],
+                         [ui.vote_status, ui.vote_help, ui.vote_harm], api_name="vote", concurrency_limit=None)
 
 
-def build_app(engine: Engine | None = None, config_path=None) -> App:
-    """The demo on the offered profiles of models.yaml (or on one given engine, for tests)."""
+def build_app(engine: Engine | None = None, config_path=None, votes_path=None) -> App:
+    """The demo on the offered profiles of models.yaml (or on one given engine, for tests);
+    votes go to votes_path (default: $GENARM_VOTES or ~/.cache/genarm/votes.sqlite)."""
     profiles, default, config_error = read_profiles(engine, config_path)
     engines = Engines(profiles, engine)
     first, note = engines.get(default) if default else (None, "")
     n_sliders = max([1, *(len(p.arms) for p in profiles.values())])
     with gr.Blocks(title="GenARM steering demo") as blocks:
         ui = _page(profiles, default, first, config_error or note, n_sliders)
-        ctx = h.Context(ui, engines, n_sliders, weakref.WeakSet())
+        ctx = h.Context(ui, engines, n_sliders, weakref.WeakSet(), VoteStore(votes_path))
         _wire(ctx)
     blocks.queue(default_concurrency_limit=4, max_size=4 * STREAMS)
-    return App(blocks, engines, ctx.active)
+    return App(blocks, engines, ctx.active, ctx)
 
 
-def build_demo(engine: Engine | None = None, config_path=None) -> gr.Blocks:
-    return build_app(engine, config_path).blocks
+def build_demo(engine: Engine | None = None, config_path=None, votes_path=None) -> gr.Blocks:
+    return build_app(engine, config_path, votes_path).blocks

@@ -65,6 +65,28 @@ def token_span(ev) -> str:
             f"{html.escape(ev.text)}</span>")
 
 
+def reward_bar(name: str, per_token: float, base: float | None) -> str:
+    """One ARM's reward per token, and a bar of its difference to the base pane's (green: the
+    answer scores higher under that reward model; full bar at 0.5 per token)."""
+    text = f"reward {name} {per_token:+.3f}/token"
+    if base is None:
+        return text
+    diff = per_token - base
+    width = int(min(abs(diff) / 0.5, 1.0) * 80)
+    colour = "22,163,74" if diff > 0 else "220,38,38"
+    bar = (f'<span style="display:inline-block;width:{width}px;height:8px;margin-left:6px;'
+           f'background:rgb({colour});border-radius:2px"></span>') if width else ""
+    return f"{text} ({diff:+.3f} vs base){bar}"
+
+
+def run_record(session_run: dict, views: dict, betas: dict) -> dict:
+    """A whole run as data, for the download button: prompt, options, and per pane its messages,
+    weights, text, tokens and per-token log-probs."""
+    return {"profile": session_run.get("profile"), "options": session_run.get("options"),
+            "panes": {k: {"messages": session_run["messages"][k], **completion_record(v.completion,
+                          session_run["weights"][k], betas)} for k, v in views.items()}}
+
+
 def completion_record(c: Completion, weights: dict, betas: dict) -> dict:
     """One pane's answer as data: what the JSON endpoint returns per pane."""
     return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "weights": weights,
@@ -76,21 +98,14 @@ def options_record(options: SamplingOptions) -> dict:
     return options.as_dict()
 
 
-def sweep_figure(rows: list[dict], x_title: str, y_title: str):
-    """The sweep's points, each labelled with its weights."""
-    from matplotlib.figure import Figure  # no pyplot: thread-safe
+def sweep_frame(rows: list[dict], x_title: str, y_title: str):
+    """The sweep's points for an interactive scatter plot: x, y, the setting and its answer
+    (shown on hover)."""
+    import gradio as gr
+    import pandas as pd
 
-    fig = Figure(figsize=(8, 5), dpi=100)
-    ax = fig.subplots()
-    xs, ys = [r["x"] for r in rows], [r["y"] for r in rows]
-    ax.scatter(xs, ys, c=range(len(rows)), cmap="viridis", s=40, zorder=3)
-    for r in rows:
-        ax.annotate(r["weights"], (r["x"], r["y"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(x_title)
-    ax.set_ylabel(y_title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return gr.ScatterPlot(value=pd.DataFrame(rows, columns=["x", "y", "setting", "answer"]), x_title=x_title,
+                          y_title=y_title)
 
 
 def tradeoff_assets() -> tuple[str | None, str]:

@@ -1,9 +1,11 @@
 """The Gradio demo, launched on the tiny engine and driven through gradio_client."""
 import html
+import json
 import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -44,10 +46,10 @@ def args(engine, prompt=PROMPT, wa=None, wb=None, compare=False, temperature=0.0
 
 
 @pytest.fixture(scope="module")
-def served(engine):
+def served(engine, tmp_path_factory):
     from gradio_client import Client
 
-    demo = build_app(engine)
+    demo = build_app(engine, votes_path=tmp_path_factory.mktemp("votes") / "votes.sqlite")
     url = launch(demo.blocks)
     yield demo, url, lambda: Client(url, verbose=False)
     demo.blocks.close()
@@ -296,3 +298,62 @@ def expected_sampled(engine, prompt, w, temperature, seed, max_new=12):
     full = {n: w.get(n, 0.0) for n in engine.arm_names}
     opts = SamplingOptions(temperature=temperature, top_p=0.9, max_new_tokens=max_new, seed=seed)
     return [c.text for c in engine.generate(prompt, [{}, full], opts)]
+
+
+def test_a_vote_is_stored_with_the_prompt_both_answers_and_the_weights(served, engine):
+    demo, _, client = served
+    c = client()
+    out = c.predict("Left is better", None, api_name="/vote")
+    assert "Vote once both answers are complete" in out[0]
+    w = {"help": 2.0}
+    final = c.predict(*args(engine, wa=w, max_new=10), api_name="/generate")
+    out = c.predict("Right is better", "Tie", api_name="/vote")
+    assert "helpfulness and harmlessness vote is stored" in out[0]
+    rows = [r for r in demo.context.votes.rows() if r["answer_b"] == pane_text(final[1])]
+    assert {r["objective"]: r["verdict"] for r in rows} == {"helpfulness": "B", "harmlessness": "tie"}
+    row = rows[0]
+    assert row["answer_a"] == pane_text(final[0]) and row["profile"] == engine.profile.name
+    assert json.loads(row["prompt"]) == [{"role": "user", "content": PROMPT}]
+    assert json.loads(row["weights_b"]) == {n: w.get(n, 0.0) for n in engine.arm_names} and row["seed"] == 0
+    again = c.predict("Right is better", None, api_name="/vote")
+    assert "already recorded" in again[0]
+
+
+def test_the_download_is_the_run_as_data(served, engine):
+    _, _, client = served
+    w = {"harm": 1.0}
+    final = client().predict(*args(engine, wa=w, temperature=0.8, max_new=8, seed=4), api_name="/generate")
+    download = final[10]  # gradio_client gives the file's local path, or a file-data dict
+    record = json.loads(Path(download if isinstance(download, str) else download["value"]).read_text())
+    opts = SamplingOptions(temperature=0.8, top_p=0.9, max_new_tokens=8, seed=4)
+    full = {n: w.get(n, 0.0) for n in engine.arm_names}
+    base, steered = engine.generate(PROMPT, [{}, full], opts)
+    assert record["panes"]["a"]["token_ids"] == steered.token_ids and record["panes"]["base"]["text"] == base.text
+    assert record["panes"]["a"]["logprobs"]["fused"] == pytest.approx(steered.logprobs_fused, abs=1e-6)
+    assert record["panes"]["a"]["weights"] == full and record["options"]["seed"] == 4
+    assert final[7] == base.text and final[8] == steered.text  # the plain text behind the copy buttons
+
+
+def test_a_follow_up_continues_each_panes_own_conversation(served, engine):
+    _, _, client = served
+    c = client()
+    w = {"help": 1.5, "small": 0.5}
+    first = c.predict(*args(engine, wa=w, max_new=8), api_name="/generate")
+    follow = c.predict("And why?", *args(engine, wa=w, max_new=8), api_name="/follow_up")
+    assert "Done" in follow[6]
+    opts = SamplingOptions(temperature=0.0, top_p=0.9, max_new_tokens=8)
+    full = {n: w.get(n, 0.0) for n in engine.arm_names}
+    for key, pane, weights in (("base", 0, {}), ("a", 1, full)):
+        history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": pane_text(first[pane])},
+                   {"role": "user", "content": "And why?"}]
+        assert pane_text(follow[pane]) == engine.generate(history, weights, opts).text
+    assert engine.encode(history) == engine.tokenizer(engine.tokenizer.apply_chat_template(
+        history, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def test_a_follow_up_too_long_for_the_context_gets_a_message(served, engine):
+    _, _, client = served
+    c = client()
+    c.predict(*args(engine, max_new=8), api_name="/generate")
+    out = c.predict("tea " * 300, *args(engine, max_new=8), api_name="/follow_up")
+    assert "Cannot follow up" in out[6] and "context" in out[6]

@@ -1,4 +1,4 @@
-"""Command line: `python -m genarm_core {profiles,generate,score,train} ...`.
+"""Command line: `python -m genarm_core {profiles,generate,score,train,votes} ...`.
 
 Each subcommand is a module here with `register(subparsers)` (its options) and `run(args)`; the
 library never imports this package. Every error the library raises on purpose (GenarmError:
@@ -12,9 +12,9 @@ import os
 import sys
 
 from ..errors import GenarmError
-from . import generate, profiles, score, train
+from . import generate, profiles, score, train, votes
 
-SUBCOMMANDS = (profiles, generate, score, train)
+SUBCOMMANDS = (profiles, generate, score, train, votes)
 
 
 def build_parser() -> argparse.ArgumentParser:

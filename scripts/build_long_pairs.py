@@ -1,0 +1,67 @@
+"""Helpfulness pairs at the demo's length: SmolLM2's own answers of up to --max-new-tokens tokens
+to the everyday training prompts, ranked by the helpfulness judge.
+
+    .venv/bin/python scripts/build_long_pairs.py [--samples 4] [--max-new-tokens 160]
+
+The ARMs first learned from answers of at most 64 tokens, and at 128 tokens helpfulness guidance
+made answers loop (README). Here each everyday training prompt gets --samples plain answers
+(temperature 0.8, top-p 0.95, no repetition rules, so that some loop as they do in the wild)
+from the base; the best and the worst by the judge form a pair when they differ by at least
+--min-gap (and the second best and the worst, when that gap holds too). A tenth of the prompts is
+held out for the ARM's preference accuracy. Writes space_assets/data/helpfulness_long_{train,
+heldout}.jsonl; deterministic given --seed.
+"""
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from genarm_core import Engine, SamplingOptions
+from genarm_core.judges import score_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "space_assets" / "data"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--min-gap", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    prompts = [json.loads(line) for line in (OUT / "prompts_train.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [p for p in prompts if p["family"] == "benign"]
+    engine = Engine.from_profile()
+    opts = SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
+    start, answers = time.time(), []
+    for k in range(args.samples):  # one request per round: all prompts batched by the scheduler
+        results = engine.generate([p["prompt"] for p in prompts], {}, SamplingOptions(
+            **{**opts.as_dict(), "seed": args.seed * 100 + k}))
+        answers.append(results)
+        print(f"  round {k + 1}/{args.samples}: {len(prompts)} answers ({time.time() - start:.0f} s)", flush=True)
+    rng = random.Random(args.seed)
+    held = set(rng.sample(range(len(prompts)), len(prompts) // 10))
+    out = {"train": [], "heldout": []}
+    for i, p in enumerate(prompts):
+        texts = [a[i].text.strip() for a in answers]
+        complete = [a[i].finish_reason == "eos" for a in answers]
+        scores = [s["helpfulness"] for s in score_batch([p["prompt"]] * len(texts), texts, [False] * len(texts))]
+        order = sorted(range(len(texts)), key=lambda j: -scores[j])
+        worst = order[-1]
+        for c in order[:2]:
+            if c != worst and scores[c] - scores[worst] >= args.min_gap and texts[c] != texts[worst]:
+                out["heldout" if i in held else "train"].append({
+                    "prompt": p["prompt"], "chosen": texts[c], "rejected": texts[worst], "family": "benign",
+                    "category": p.get("category", ""), "pair_type": "long_policy_vs_policy",
+                    "chosen_score": scores[c], "rejected_score": scores[worst],
+                    "chosen_complete": complete[c], "rejected_complete": complete[worst]})
+    for split, rows in out.items():
+        path = OUT / f"helpfulness_long_{split}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"wrote {path}: {len(rows)} pairs")
+
+
+if __name__ == "__main__":
+    main()

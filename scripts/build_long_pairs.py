@@ -9,7 +9,8 @@ made answers loop (README). Here each everyday training prompt gets --samples pl
 from the base; the best and the worst by the judge form a pair when they differ by at least
 --min-gap (and the second best and the worst, when that gap holds too). A tenth of the prompts is
 held out for the ARM's preference accuracy. Writes space_assets/data/helpfulness_long_{train,
-heldout}.jsonl; deterministic given --seed.
+heldout}.jsonl, and helpfulness_everyday_{train,heldout}.jsonl: those with the earlier pairs on
+everyday prompts (what the helpfulness ARM trains on). Deterministic given --seed.
 """
 import argparse
 import json
@@ -58,9 +59,22 @@ def main():
                     "chosen_score": scores[c], "rejected_score": scores[worst],
                     "chosen_complete": complete[c], "rejected_complete": complete[worst]})
     for split, rows in out.items():
-        path = OUT / f"helpfulness_long_{split}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        print(f"wrote {path}: {len(rows)} pairs")
+        write(OUT / f"helpfulness_long_{split}.jsonl", rows)
+    # the helpfulness ARM's data: everyday prompts only (harmful ones are the harmlessness ARM's
+    # business: answer-vs-non-answer pairs there taught it to favour complying), short and long
+    old = {split: [r for r in read(OUT / f"helpfulness_{name}.jsonl") if r["family"] == "benign"]
+           for split, name in (("train", "train"), ("heldout", "heldout_sample"))}
+    for split in ("train", "heldout"):
+        write(OUT / f"helpfulness_everyday_{split}.jsonl", old[split] + out[split])
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {path}: {len(rows)} pairs")
 
 
 if __name__ == "__main__":

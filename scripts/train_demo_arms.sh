@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains the default profile's two ARMs on the project's own preference data (space_assets/data,
-# built by scripts/build_demo_data.sh) into space_assets/arms/, one after the other on all cores.
-# About 47 min on a 2-core CPU (helpfulness: 1197 pairs, 150 steps, 20 min; harmlessness: 180
-# steps over two epochs, 22 min; plus held-out evaluations).
+# built by scripts/build_demo_data.sh and scripts/build_long_pairs.py) into space_assets/arms/,
+# one after the other on all cores. The helpfulness ARM learns from everyday prompts only
+# (helpfulness_everyday_*.jsonl: the earlier short pairs and pairs of 160-token answers), so that
+# harmful requests stay the harmlessness ARM's business.
 # - LoRA on the upper third of SmolLM2's 30 layers only (layers 20-29): cheaper to train (no
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: chosen and rejected answers differ a lot in length (refusals are
@@ -29,6 +30,10 @@ random.Random(0).shuffle(rows)
 open(f"space_assets/data/{obj}_heldout_sample.jsonl", "w").write("\n".join(rows[:120]) + "\n")
 PY
 done
+declare -A DATA=(
+  [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
+  [harmlessness]="--data space_assets/data/harmlessness_train.jsonl --eval-data space_assets/data/harmlessness_heldout_sample.jsonl"
+)
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
 declare -A ARGS=(
@@ -37,7 +42,6 @@ declare -A ARGS=(
 )
 for obj in "${objectives[@]}"; do
   # shellcheck disable=SC2086
-  .venv/bin/python -m genarm_core train --objective "$obj" \
-    --data "space_assets/data/${obj}_train.jsonl" --eval-data "space_assets/data/${obj}_heldout_sample.jsonl" \
+  .venv/bin/python -m genarm_core train --objective "$obj" ${DATA[$obj]} \
     --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
 done

@@ -17,7 +17,7 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "space_assets" / "screensh
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                  reason=f"{CHROMIUM} is missing: install it with `bash setup.sh --browser`")]
 
@@ -46,12 +46,15 @@ def default_engine(max_new_tokens=40):
 def test_page_generates_and_a_slider_drag_regenerates(tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
-    demo = build_demo(default_engine())
+    votes = tmp_path / "votes.sqlite"
+    demo = build_demo(default_engine(), votes_path=votes)
     url = launch(demo)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            context = browser.new_context(viewport={"width": 1400, "height": 1100})
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
+            page = context.new_page()
             page.goto(url, wait_until="load")
             page.get_by_role("button", name="Generate", exact=True).wait_for(timeout=30000)
             box = page.get_by_label("Prompt")
@@ -83,6 +86,21 @@ def test_page_generates_and_a_slider_drag_regenerates(tmp_path):
             wait_done(page)
             assert pane_text(page, "base") == base  # the base pane does not depend on the weights
             assert pane_text(page, "a") != steered
+
+            # copy the steered answer with its copy button
+            page.locator("#text-a button[aria-label*='opy'], #text-a button[title*='opy']").first.click()
+            copied = page.evaluate("navigator.clipboard.readText()")
+            assert copied.strip() and copied.strip()[:20] in page.locator("#pane-a").inner_text()
+            # vote once: the right-hand (steered) answer is more harmless
+            page.locator("#vote-harm").get_by_label("Right is better").check()
+            page.locator("#vote-submit").click()
+            page.wait_for_function("document.querySelector('#vote-status').innerText.includes('stored')",
+                                   timeout=30000)
+            from genarm_core.votes import VoteStore
+
+            rows = VoteStore(votes).rows()
+            assert [(r["objective"], r["verdict"]) for r in rows] == [("harmlessness", "B")]
+            assert rows[0]["answer_b"].strip()[:20] == copied.strip()[:20]
             # the shipped screenshot changes only on request, so a test run leaves the tree clean
             shot = SCREENSHOT if os.environ.get("GENARM_UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
             page.screenshot(path=str(shot), full_page=True)

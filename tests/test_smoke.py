@@ -12,6 +12,7 @@ from genarm_core import Engine, SamplingOptions, load_config, load_models
 from genarm_core.worker import WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # the real SmolLM2: CI runs these as their own step (.ci/run)
 
 
 @pytest.fixture(scope="module")

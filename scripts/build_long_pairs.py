@@ -1,7 +1,7 @@
-"""Helpfulness pairs at the demo's length: SmolLM2's own answers of up to --max-new-tokens tokens
-to the everyday training prompts, ranked by the helpfulness judge.
+"""Preference pairs at the demo's length, from SmolLM2's own answers of up to --max-new-tokens.
 
-    .venv/bin/python scripts/build_long_pairs.py [--samples 4] [--max-new-tokens 160]
+    .venv/bin/python scripts/build_long_pairs.py [--samples 4] [--max-new-tokens 160]   # helpfulness
+    .venv/bin/python scripts/build_long_pairs.py --objective harmlessness               # refusals that hold
 
 The ARMs first learned from answers of at most 64 tokens, and at 128 tokens helpfulness guidance
 made answers loop (README). Here each everyday training prompt gets --samples plain answers
@@ -31,10 +31,13 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--min-gap", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", choices=("helpfulness", "harmlessness"), default="helpfulness")
     args = ap.parse_args()
     prompts = [json.loads(line) for line in (OUT / "prompts_train.jsonl").read_text().splitlines() if line.strip()]
-    prompts = [p for p in prompts if p["family"] == "benign"]
     engine = Engine.from_profile()
+    if args.objective == "harmlessness":
+        return refusals_that_hold(engine, [p for p in prompts if p["family"] == "harmful"], args)
+    prompts = [p for p in prompts if p["family"] == "benign"]
     opts = SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
     start, answers = time.time(), []
     for k in range(args.samples):  # one request per round: all prompts batched by the scheduler
@@ -66,6 +69,47 @@ def main():
            for split, name in (("train", "train"), ("heldout", "heldout_sample"))}
     for split in ("train", "heldout"):
         write(OUT / f"helpfulness_everyday_{split}.jsonl", old[split] + out[split])
+
+
+def refusals_that_hold(engine, prompts: list[dict], args):
+    """Harmlessness pairs at length: on each harmful training prompt, --samples continuations of a
+    forced refusal opener ("I'm sorry, but I can't", ...) of up to --max-new-tokens tokens. Small
+    models often decline, then comply ("However, here is how..."); the continuation the judge
+    finds most harmless is chosen over the one it finds least (when they differ by 0.2), so the
+    ARM learns to keep declining through a long answer."""
+    from build_preference_data import REFUSAL_OPENERS  # a script beside this one (on sys.path)
+
+    tok = engine.tokenizer
+    openers = [random.Random(f"{args.seed}/{p['prompt']}").choice(REFUSAL_OPENERS) for p in prompts]
+    ids = [engine.encode(p["prompt"]) + tok(o, add_special_tokens=False)["input_ids"] for p, o in zip(prompts, openers)]
+    start, rounds = time.time(), []
+    for k in range(args.samples):
+        opts = SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, seed=args.seed * 100 + k)
+        texts = [""] * len(prompts)
+        done = [False] * len(prompts)
+        for step in engine.stream_ids(ids, [{}], opts):
+            for ev in step:
+                texts[ev.prompt] += ev.text
+                done[ev.prompt] = ev.finish_reason == "eos" or done[ev.prompt]
+        rounds.append([(f"{o}{t}".strip(), d) for o, t, d in zip(openers, texts, done)])
+        print(f"  round {k + 1}/{args.samples}: {len(prompts)} refusals continued ({time.time() - start:.0f} s)", flush=True)
+    held = set(random.Random(args.seed).sample(range(len(prompts)), len(prompts) // 10))
+    out = {"train": [], "heldout": []}
+    for i, p in enumerate(prompts):
+        cands = [r[i] for r in rounds]
+        scores = [s["harmlessness"] for s in score_batch([p["prompt"]] * len(cands), [c for c, _ in cands],
+                                                         [True] * len(cands))]
+        best, worst = max(range(len(cands)), key=scores.__getitem__), min(range(len(cands)), key=scores.__getitem__)
+        if scores[best] - scores[worst] >= 0.2:
+            out["heldout" if i in held else "train"].append({
+                "prompt": p["prompt"], "chosen": cands[best][0], "rejected": cands[worst][0], "family": "harmful",
+                "category": p.get("category", ""), "pair_type": "long_refusal_held_vs_pivot",
+                "chosen_score": scores[best], "rejected_score": scores[worst],
+                "chosen_complete": cands[best][1], "rejected_complete": cands[worst][1]})
+    for split, rows in out.items():
+        write(OUT / f"harmlessness_long_{split}.jsonl", rows)
+    write(OUT / "harmlessness_all_train.jsonl", read(OUT / "harmlessness_train.jsonl") + out["train"])
+    write(OUT / "harmlessness_all_heldout.jsonl", read(OUT / "harmlessness_heldout_sample.jsonl") + out["heldout"])
 
 
 def read(path: Path) -> list[dict]:

@@ -3,7 +3,8 @@
 # built by scripts/build_demo_data.sh and scripts/build_long_pairs.py) into space_assets/arms/,
 # one after the other on all cores. The helpfulness ARM learns from everyday prompts only
 # (helpfulness_everyday_*.jsonl: the earlier short pairs and pairs of 160-token answers), so that
-# harmful requests stay the harmlessness ARM's business.
+# harmful requests stay the harmlessness ARM's business; the harmlessness ARM also from long
+# refusals that hold against ones that pivot to complying (harmlessness_all_*.jsonl).
 # - LoRA on the upper third of SmolLM2's 30 layers only (layers 20-29): cheaper to train (no
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: chosen and rejected answers differ a lot in length (refusals are
@@ -32,7 +33,7 @@ PY
 done
 declare -A DATA=(
   [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
-  [harmlessness]="--data space_assets/data/harmlessness_train.jsonl --eval-data space_assets/data/harmlessness_heldout_sample.jsonl"
+  [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
 )
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)

@@ -159,7 +159,7 @@ def _sample_truncated(logits: torch.Tensor, ks: list, ps: list, u: torch.Tensor,
     values, order = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, -1, descending=True)
     keep, covered = _kept(values, order, logits, ks, ps, ms)
     tokens = _gumbel_max(values, order, keep, u)
-    wide = [i for i, ok in enumerate(covered.tolist()) if not ok]
+    wide = [] if K == V else [i for i, ok in enumerate(covered.tolist()) if not ok]  # (a sync on CPU only)
     if wide:
         rows = torch.tensor(wide, device=logits.device)
         values, order = torch.sort(logits[rows], -1, descending=True)

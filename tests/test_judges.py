@@ -96,7 +96,9 @@ def test_harmlessness_on_benign_prompts():
 def test_score_batch_shape():
     out = judges.score_batch([BENIGN, HARMFUL], [SUBSTANTIVE, HARMFUL_REFUSAL], [False, True])
     assert [o["refusal"] for o in out] == [False, True]
-    assert set(out[0]) == {"refusal", "helpfulness", "harmlessness"}
+    assert set(out[0]) == {"refusal", "helpfulness", "harmlessness", "repetition"}
+    loop = judges.score_batch([BENIGN], ["Mix the flour and the eggs. " * 12], [False])[0]
+    assert loop["repetition"] < out[0]["repetition"]
 
 
 def test_relevance_separates_on_topic_answers():

@@ -44,6 +44,13 @@ def register(subparsers):
                     "--base-path) with loss -log sigmoid(beta * (logp(chosen) - logp(rejected)) - gamma). "
                     "Writes a PEFT adapter folder with genarm_arm.json, ready for an `adapter:` ARM.",
         formatter_class=_Help)
+    for add in (_data_args, _objective_args, _model_args, _optimisation_args, _output_args):
+        add(t, d)
+    t.set_defaults(func=run)
+    return t
+
+
+def _data_args(t, d: TrainConfig):
     g = t.add_argument_group("data")
     g.add_argument("--data", action="append", required=True, metavar="FILE",
                    help="preference pairs, JSONL (repeatable)")
@@ -64,6 +71,9 @@ def register(subparsers):
     g.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=None,
                    help="format prompts as raw text (default: the profile's setting)")
     g.add_argument("--system-prompt", help="system message for every prompt (default: the profile's)")
+
+
+def _objective_args(t, d: TrainConfig):
     o = t.add_argument_group("objective")
     o.add_argument("--objective", required=True, help="name of the ARM's objective, e.g. helpfulness")
     o.add_argument("--beta", type=float, default=d.beta,
@@ -77,6 +87,9 @@ def register(subparsers):
     o.add_argument("--loss", choices=("arm", "dpo"), default=d.loss,
                    help="arm: the GenARM loss (an ARM for guided decoding); dpo: a DPO policy adapter "
                         "(reference = the base, adapter off), the training-time baseline")
+
+
+def _model_args(t, d: TrainConfig):
     m = t.add_argument_group("model and LoRA")
     m.add_argument("--base-path", help="base model folder (default: the profile's base)")
     m.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
@@ -86,6 +99,9 @@ def register(subparsers):
                    help="comma-separated module names to adapt, or all-linear")
     m.add_argument("--lora-layers", type=_int_list,
                    help="only adapt these layers, e.g. 0-5,10 (peft layers_to_transform; default: all)")
+
+
+def _optimisation_args(t, d: TrainConfig):
     p = t.add_argument_group("optimisation")
     p.add_argument("--lr", dest="learning_rate", type=float, default=d.learning_rate, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
@@ -101,6 +117,9 @@ def register(subparsers):
                    help="auto: bf16 on a GPU that supports it, else full precision")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the LoRA init, the held-out split and the batch order")
+
+
+def _output_args(t, d: TrainConfig):
     r = t.add_argument_group("output")
     r.add_argument("--out", dest="output_dir", required=True, help="adapter folder to write")
     r.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -109,8 +128,6 @@ def register(subparsers):
     r.add_argument("--log-every", type=int, default=d.log_every,
                    help=f"write training metrics to OUT/{METRICS_LOG} every N steps")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    t.set_defaults(func=run)
-    return t
 
 
 def run(args):

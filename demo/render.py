@@ -38,8 +38,9 @@ token, every next token can be re-weighted directly:
 * **Token colours** show how much the reward models moved each chosen token:
   `log p_fused - log p_base` (green: made more likely, red: less likely). Hover a token to see
   each ARM's log-probability and its contribution `w_i * log p_ARM_i`.
-* **Rewards** under each pane are each ARM's trajectory reward of the answer
-  (`beta * sum of its token log-probs`); higher is better for that objective.
+* **Rewards** under each pane are each ARM's reward per token of the answer
+  (`beta * mean of its token log-probs`, so answers of different lengths compare); higher is
+  better for that objective. The bar shows the difference to the base pane.
 """
 
 LEGEND = (

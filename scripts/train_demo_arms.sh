@@ -13,7 +13,10 @@
 #   94% held-out accuracy had collapsed into "I I I ..." as a guide.
 # - Both at lr 1e-3. Harmlessness is the harder preference (same-style answers and refusals whose
 #   order flips with the prompt) and gets two epochs; helpfulness one over its larger set.
-# - Held-out accuracy on a fixed random 120 of the 200 held-out pairs (CPU time).
+# - Held-out accuracy on helpfulness_everyday_heldout (116 pairs) and harmlessness_all_heldout (126);
+#   their short pairs are a fixed random 120 of the 200 held-out pairs, written below (CPU time).
+# - About 60 min on a 2-core AMD EPYC (AVX-512): helpfulness 150 steps, 31 min; harmlessness
+#   194 steps, 28 min.
 # Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,12 +5,13 @@
 # same LoRA shape (r=8 on layers 20-29, all seven projections). Then merged into a full model
 # folder so that it decodes alone:
 #     .venv/bin/python scripts/evaluate_tradeoff.py ... --dpo runs/dpo-merged
-# Not shipped (regenerable); about 50 min on a 2-core CPU.
+# Not shipped (regenerable); a full epoch (245 steps) is about 55 min on a 2-core CPU; extra
+# arguments go to `train`, e.g. --max-steps 60.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m genarm_core train --loss dpo --objective hh-dpo \
-  --data space_assets/data/helpfulness_train.jsonl --data space_assets/data/harmlessness_train.jsonl \
-  --eval-data space_assets/data/helpfulness_heldout_sample.jsonl --eval-data space_assets/data/harmlessness_heldout_sample.jsonl \
+  --data space_assets/data/helpfulness_everyday_train.jsonl --data space_assets/data/harmlessness_all_train.jsonl \
+  --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl \
   --lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
   --beta 0.1 --lr 5e-4 --epochs 1 --batch-size 8 --eval-batch-size 8 --eval-every 80 --seed 0 --no-progress \
   --out runs/dpo "$@"

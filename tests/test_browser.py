@@ -2,14 +2,14 @@
 profile (SmolLM2-135M-Instruct and the shipped ARMs), so that the screenshot shows the product."""
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from demo import build_demo
-from dataclasses import replace
-
 from genarm_core import Engine, load_config, load_models
+from genarm_core.votes import VoteStore
 from test_app import launch
 
 CHROMIUM = "/usr/bin/chromium"
@@ -96,8 +96,6 @@ def test_page_generates_and_a_slider_drag_regenerates(tmp_path):
             page.locator("#vote-submit").click()
             page.wait_for_function("document.querySelector('#vote-status').innerText.includes('stored')",
                                    timeout=30000)
-            from genarm_core.votes import VoteStore
-
             rows = VoteStore(votes).rows()
             assert [(r["objective"], r["verdict"]) for r in rows] == [("harmlessness", "B")]
             assert rows[0]["answer_b"].strip()[:20] == copied.strip()[:20]

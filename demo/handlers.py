@@ -152,11 +152,11 @@ def follow_up(ctx: Context, session: Session, text: str, *values) -> Iterator[di
         eng, options, _ = _check(ctx, replace(req, prompt=text))
         keys = list(session.views)
         histories = {k: session.conversation(k) + [{"role": "user", "content": text}] for k in keys}
-        for k in keys:
-            eng.encode(histories[k], options.max_new_tokens)  # the limits hold over the whole history
+        # every history checked (the limits hold over the whole history) before any stream starts
+        ids = {k: eng.encode(histories[k], options.max_new_tokens) for k in keys}
         panes = {k: Pane(session.panes[k].weights if k in session.panes else session.run["weights"][k], k)
                  for k in keys}
-        streams = [(eng.stream(histories[k], [panes[k]], options), [k]) for k in keys]
+        streams = [(eng.stream_ids([ids[k]], [panes[k]], options), [k]) for k in keys]
     except RequestError as e:
         gr.Warning(str(e))
         yield {ctx.ui.status: f"**Cannot follow up:** {e}"}

@@ -20,7 +20,7 @@ import queue
 import threading
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 

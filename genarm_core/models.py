@@ -99,10 +99,9 @@ def builtin_folder(name: str) -> Path:
     target = cache_dir() / name
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
-    smollm2_gguf_path()  # a clear error before transformers is imported when the package is missing
+    gguf = smollm2_gguf_path()  # a clear error before transformers is imported when the package is missing
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     print(f"[genarm] converting {gguf.name} to a safetensors cache in {target} "
           "(once, about 20 s)...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

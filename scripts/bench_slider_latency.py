@@ -16,7 +16,6 @@ import argparse
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time

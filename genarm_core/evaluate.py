@@ -85,6 +85,13 @@ def judge_records(records: list[dict]) -> list[dict]:
     return [{**r, **j} for r, j in zip(records, judged)]
 
 
+def merge_records(saved: list[dict], new: list[dict]) -> list[dict]:
+    """Saved answers plus new ones (more seeds, another baseline); a (setting, seed) decoded again
+    replaces the saved answers of that setting and seed."""
+    redone = {(setting_of(r), r["seed"]) for r in new}
+    return [r for r in saved if (setting_of(r), r["seed"]) not in redone] + new
+
+
 def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 

@@ -145,6 +145,15 @@ def is_refusal(text: str) -> bool:
     return m is not None and not pivots_to_compliance(t, m.end())
 
 
+def declines_at_once(text: str) -> bool:
+    """The answer's first sentence alone is a refusal: stricter than is_refusal, which counts a
+    refusal phrase anywhere in the opening ("I'm glad to help you with something you're really
+    interested in. A silencer is... I'm not going to..." is a refusal there, not here). Chosen
+    answers of harmlessness pairs must pass it."""
+    first = _SENTENCE_END.search(text)
+    return is_refusal(text[:first.end()] if first else text)
+
+
 @lru_cache(maxsize=None)
 def _marker_regex(marker: str):
     return re.compile(r"(?<![a-z0-9])" + re.escape(marker))

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/build_long_pairs.py [--samples 4] [--max-new-tokens 160]   # helpfulness
     .venv/bin/python scripts/build_long_pairs.py --objective harmlessness               # refusals that hold
+    .venv/bin/python scripts/build_long_pairs.py --objective harmlessness-on-policy     # under guidance
 
 The ARMs first learned from answers of at most 64 tokens, and at 128 tokens helpfulness guidance
 made answers loop (README). Here each everyday training prompt gets --samples plain answers
@@ -11,6 +12,8 @@ from the base; the best and the worst by the judge form a pair when they differ 
 held out for the ARM's preference accuracy. Writes space_assets/data/helpfulness_long_{train,
 heldout}.jsonl, and helpfulness_everyday_{train,heldout}.jsonl: those with the earlier pairs on
 everyday prompts (what the helpfulness ARM trains on). Deterministic given --seed.
+--objective harmlessness-on-policy samples the shipped ARMs' own guided answers (see
+guided_pivots); it needs trained ARMs, so it runs after a first scripts/train_demo_arms.sh.
 """
 import argparse
 import json
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 from genarm_core import Engine, SamplingOptions
-from genarm_core.judges import score_batch
+from genarm_core.judges import declines_at_once, score_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "space_assets" / "data"
@@ -31,12 +34,15 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--min-gap", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--objective", choices=("helpfulness", "harmlessness"), default="helpfulness")
+    ap.add_argument("--objective", choices=("helpfulness", "harmlessness", "harmlessness-on-policy"),
+                    default="helpfulness")
     args = ap.parse_args()
     prompts = [json.loads(line) for line in (OUT / "prompts_train.jsonl").read_text().splitlines() if line.strip()]
     engine = Engine.from_profile()
     if args.objective == "harmlessness":
         return refusals_that_hold(engine, [p for p in prompts if p["family"] == "harmful"], args)
+    if args.objective == "harmlessness-on-policy":
+        return guided_pivots(engine, [p for p in prompts if p["family"] == "harmful"], args)
     prompts = [p for p in prompts if p["family"] == "benign"]
     opts = SamplingOptions(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
     start, answers = time.time(), []
@@ -108,8 +114,65 @@ def refusals_that_hold(engine, prompts: list[dict], args):
                 "chosen_complete": cands[best][1], "rejected_complete": cands[worst][1]})
     for split, rows in out.items():
         write(OUT / f"harmlessness_long_{split}.jsonl", rows)
-    write(OUT / "harmlessness_all_train.jsonl", read(OUT / "harmlessness_train.jsonl") + out["train"])
-    write(OUT / "harmlessness_all_heldout.jsonl", read(OUT / "harmlessness_heldout_sample.jsonl") + out["heldout"])
+    write_harmlessness_all()
+
+
+# the guided settings whose answers are sampled (helpfulness overruling harmlessness), and the
+# one that declines most (a source of refusals that hold, for prompts where the others never do)
+PIVOTING = ({"helpfulness": 1.0, "harmlessness": 2.0}, {"helpfulness": 2.0, "harmlessness": 2.0})
+DECLINING = {"helpfulness": 0.0, "harmlessness": 2.0}
+
+
+def guided_pivots(engine, prompts: list[dict], args):
+    """On-policy harmlessness pairs: the shipped ARMs' own answers under guidance, at the demo's
+    sampling (temperature 0.7, top-p 0.9, no-repeat 3-grams, 128 tokens). With helpfulness on,
+    guided answers to harmful prompts often start to decline and turn ("I can't help" -> " but
+    think about..." is the base's idiom, and the helpfulness ARM keeps it), which no off-policy
+    pair shows the ARM. On each harmful training prompt, --samples rounds of the PIVOTING and
+    DECLINING panes; the most harmless answer the judge counts as a refusal is chosen over each
+    pivoting pane's least harmless compliance (gap >= 0.2), at most one pair per pane and prompt;
+    a prompt whose chosen answer does not decline in its first sentence gives no pair."""
+    panes = [DECLINING, *PIVOTING]
+    start, rounds = time.time(), []
+    for k in range(args.samples):
+        opts = SamplingOptions(temperature=0.7, top_p=0.9, no_repeat_ngram_size=3, max_new_tokens=128,
+                               seed=args.seed * 100 + 50 + k)
+        rounds.append(engine.generate([p["prompt"] for p in prompts], panes, opts))
+        print(f"  round {k + 1}/{args.samples}: {len(prompts)} prompts x {len(panes)} panes "
+              f"({time.time() - start:.0f} s)", flush=True)
+    held = set(random.Random(args.seed).sample(range(len(prompts)), len(prompts) // 10))  # as refusals_that_hold
+    out = {"train": [], "heldout": []}
+    for i, p in enumerate(prompts):
+        cands = [(j, c.text.strip(), c.finish_reason == "eos") for r in rounds for j, c in enumerate(r[i])]
+        judged = score_batch([p["prompt"]] * len(cands), [t for _, t, _ in cands], [True] * len(cands))
+        refusals = [(s["harmlessness"], t, d) for (_, t, d), s in zip(cands, judged) if s["refusal"]]
+        if not refusals:
+            continue
+        chosen = max(refusals)
+        if not declines_at_once(chosen[1]):  # a refusal phrase in the opening, but not at once
+            continue
+        for pane in range(1, len(panes)):
+            pivots = [(s["harmlessness"], t, d) for (j, t, d), s in zip(cands, judged)
+                      if j == pane and not s["refusal"]]
+            if pivots and chosen[0] - min(pivots)[0] >= 0.2:
+                rejected = min(pivots)
+                out["heldout" if i in held else "train"].append({
+                    "prompt": p["prompt"], "chosen": chosen[1], "rejected": rejected[1], "family": "harmful",
+                    "category": p.get("category", ""), "pair_type": "onpolicy_refusal_vs_guided_pivot",
+                    "chosen_score": chosen[0], "rejected_score": rejected[0],
+                    "chosen_complete": chosen[2], "rejected_complete": rejected[2]})
+    for split, rows in out.items():
+        write(OUT / f"harmlessness_onpolicy_{split}.jsonl", rows)
+    write_harmlessness_all()
+
+
+def write_harmlessness_all():
+    """harmlessness_all_{train,heldout}.jsonl (what the harmlessness ARM trains on): the short
+    pairs, the long refusals that hold and, once built, the on-policy pairs."""
+    for split, short in (("train", "harmlessness_train"), ("heldout", "harmlessness_heldout_sample")):
+        parts = [OUT / f"{short}.jsonl", OUT / f"harmlessness_long_{split}.jsonl",
+                 OUT / f"harmlessness_onpolicy_{split}.jsonl"]
+        write(OUT / f"harmlessness_all_{split}.jsonl", [r for f in parts if f.exists() for r in read(f)])
 
 
 def read(path: Path) -> list[dict]:

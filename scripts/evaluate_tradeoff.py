@@ -7,6 +7,7 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
     ... --baselines                    # + the base under helpful-and-harmless / harmless system prompts
     ... --dpo runs/dpo-merged          # + a DPO policy (scripts/train_dpo_baseline.sh), decoded alone
     ... --only-baselines --merge-into space_assets   # add baseline rows to saved results
+    ... --seeds 2 3 --merge-into space_assets        # add seeds (same prompts and options)
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ from dataclasses import replace  # noqa: E402
 from genarm_core import Engine, SamplingOptions, load_models  # noqa: E402
 from genarm_core.config import ModelSource  # noqa: E402
 from genarm_core.data import jsonl_records  # noqa: E402
-from genarm_core.evaluate import (BASELINES, judge_records, markdown_table, plot, read_prompts,  # noqa: E402
+from genarm_core.evaluate import (BASELINES, judge_records, markdown_table, merge_records, plot, read_prompts,  # noqa: E402
                                   run_grid, summarise, weight_grid)
 
 
@@ -51,7 +52,8 @@ def main():
     ap.add_argument("--dpo", metavar="FOLDER", help="also decode this DPO policy (a merged model folder) alone")
     ap.add_argument("--only-baselines", action="store_true", help="skip the weight grid")
     ap.add_argument("--merge-into", metavar="DIR",
-                    help="add the new records to the results saved in DIR (same prompts, seeds, options)")
+                    help="add the new records to the results saved in DIR (same prompts and options); "
+                         "a (setting, seed) decoded again replaces the saved one")
     args = ap.parse_args()
     out = Path(args.out)
     if args.rejudge:
@@ -96,12 +98,13 @@ def main():
     if args.merge_into:
         old = Path(args.merge_into)
         meta = json.loads((old / "tradeoff.json").read_text())["meta"]
-        if meta["options"] != options.as_dict() or meta["seeds"] != args.seeds or meta["prompts"] != len(prompts):
-            sys.exit(f"error: --merge-into {old}: its prompts, seeds or options differ from this run's")
-        new = {r["setting"] for r in records}
-        kept = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")
-                if r.get("setting") not in new]
-        write_results(Path(args.out), meta, kept + records)
+        if meta["options"] != options.as_dict() or meta["prompts"] != len(prompts):
+            sys.exit(f"error: --merge-into {old}: its prompts or options differ from this run's")
+        saved = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")]
+        records = merge_records(saved, records)
+        meta = {**meta, "seeds": sorted({r["seed"] for r in records}),
+                "seconds": meta.get("seconds", 0) + round(time.time() - start)}
+        write_results(Path(args.out), meta, records)
         return
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.as_dict(), "seconds": round(time.time() - start),

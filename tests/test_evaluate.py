@@ -3,7 +3,7 @@ import json
 import pytest
 
 from genarm_core import SamplingOptions
-from genarm_core.evaluate import judge_records, markdown_table, paired_gain, plot, run_grid, summarise, weight_grid
+from genarm_core.evaluate import judge_records, markdown_table, merge_records, paired_gain, plot, run_grid, summarise, weight_grid
 
 
 def test_weight_grid_is_the_cartesian_product():
@@ -53,6 +53,18 @@ def test_paired_gain_pairs_by_prompt_and_seed():
     assert paired_gain(records, up, base, family="benign")["prompts"] == 20
     assert paired_gain(records, up, {"a": 5.0}) is None  # no such setting: nothing to pair
     assert paired_gain(records, up, base) == gain  # seeded: the same interval every time
+
+
+def test_merge_adds_seeds_and_baselines_and_replaces_what_was_decoded_again():
+    def rec(setting, seed, text):
+        return {"setting": setting, "seed": seed, "text": text, "weights": {"a": 0.0}}
+
+    saved = [rec("a=0", 0, "old"), rec("a=0", 1, "old"), rec("system prompt", 0, "old")]
+    new = [rec("a=0", 1, "new"), rec("a=0", 2, "new"), rec("DPO", 0, "new")]
+    merged = merge_records(saved, new)
+    got = {(r["setting"], r["seed"]): r["text"] for r in merged}
+    assert len(merged) == 5 and got == {("a=0", 0): "old", ("a=0", 1): "new", ("a=0", 2): "new",
+                                        ("system prompt", 0): "old", ("DPO", 0): "new"}
 
 
 def test_judge_records_replaces_stale_scores_and_keeps_the_rest():

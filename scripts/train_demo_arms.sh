@@ -4,7 +4,10 @@
 # one after the other on all cores. The helpfulness ARM learns from everyday prompts only
 # (helpfulness_everyday_*.jsonl: the earlier short pairs and pairs of 160-token answers), so that
 # harmful requests stay the harmlessness ARM's business; the harmlessness ARM also from long
-# refusals that hold against ones that pivot to complying (harmlessness_all_*.jsonl).
+# refusals that hold against ones that pivot to complying, and from the first ARMs' own guided
+# answers (on-policy pairs: build_long_pairs.py --objective harmlessness-on-policy, which needs
+# trained ARMs; so a rebuild from scratch trains both, builds those pairs, then runs
+# `bash scripts/train_demo_arms.sh harmlessness` again) (harmlessness_all_*.jsonl).
 # - LoRA on the upper third of SmolLM2's 30 layers only (layers 20-29): cheaper to train (no
 #   backward through the lower layers) and fewer LoRA modules for the engine's mixed batch.
 # - Length-normalised log-probs: chosen and rejected answers differ a lot in length (refusals are
@@ -15,8 +18,8 @@
 #   order flips with the prompt) and gets two epochs; helpfulness one over its larger set.
 # - Held-out accuracy on helpfulness_everyday_heldout (116 pairs) and harmlessness_all_heldout (126);
 #   their short pairs are a fixed random 120 of the 200 held-out pairs, written below (CPU time).
-# - About 60 min on a 2-core AMD EPYC (AVX-512): helpfulness 150 steps, 31 min; harmlessness
-#   194 steps, 28 min.
+# - About 63 min on a 2-core AMD EPYC (AVX-512): helpfulness 150 steps, 31 min; harmlessness
+#   218 steps, 32 min.
 # Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -102,8 +102,8 @@ def main():
             sys.exit(f"error: --merge-into {old}: its prompts or options differ from this run's")
         saved = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")]
         records = merge_records(saved, records)
-        meta = {**meta, "seeds": sorted({r["seed"] for r in records}),
-                "seconds": meta.get("seconds", 0) + round(time.time() - start)}
+        meta = {k: v for k, v in meta.items() if k != "seconds"}  # the decoding time of a single run only
+        meta["seeds"] = sorted({r["seed"] for r in records})
         write_results(Path(args.out), meta, records)
         return
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,

@@ -51,8 +51,7 @@ def main():
             **{**opts.as_dict(), "seed": args.seed * 100 + k}))
         answers.append(results)
         print(f"  round {k + 1}/{args.samples}: {len(prompts)} answers ({time.time() - start:.0f} s)", flush=True)
-    rng = random.Random(args.seed)
-    held = set(rng.sample(range(len(prompts)), len(prompts) // 10))
+    held = held_out(len(prompts), args.seed)
     out = {"train": [], "heldout": []}
     for i, p in enumerate(prompts):
         texts = [a[i].text.strip() for a in answers]
@@ -62,11 +61,9 @@ def main():
         worst = order[-1]
         for c in order[:2]:
             if c != worst and scores[c] - scores[worst] >= args.min_gap and texts[c] != texts[worst]:
-                out["heldout" if i in held else "train"].append({
-                    "prompt": p["prompt"], "chosen": texts[c], "rejected": texts[worst], "family": "benign",
-                    "category": p.get("category", ""), "pair_type": "long_policy_vs_policy",
-                    "chosen_score": scores[c], "rejected_score": scores[worst],
-                    "chosen_complete": complete[c], "rejected_complete": complete[worst]})
+                out["heldout" if i in held else "train"].append(pair(
+                    p, "benign", "long_policy_vs_policy", (scores[c], texts[c], complete[c]),
+                    (scores[worst], texts[worst], complete[worst])))
     for split, rows in out.items():
         write(OUT / f"helpfulness_long_{split}.jsonl", rows)
     # the helpfulness ARM's data: everyday prompts only (harmful ones are the harmlessness ARM's
@@ -99,7 +96,7 @@ def refusals_that_hold(engine, prompts: list[dict], args):
                 done[ev.prompt] = ev.finish_reason == "eos" or done[ev.prompt]
         rounds.append([(f"{o}{t}".strip(), d) for o, t, d in zip(openers, texts, done)])
         print(f"  round {k + 1}/{args.samples}: {len(prompts)} refusals continued ({time.time() - start:.0f} s)", flush=True)
-    held = set(random.Random(args.seed).sample(range(len(prompts)), len(prompts) // 10))
+    held = held_out(len(prompts), args.seed)
     out = {"train": [], "heldout": []}
     for i, p in enumerate(prompts):
         cands = [r[i] for r in rounds]
@@ -107,11 +104,9 @@ def refusals_that_hold(engine, prompts: list[dict], args):
                                                          [True] * len(cands))]
         best, worst = max(range(len(cands)), key=scores.__getitem__), min(range(len(cands)), key=scores.__getitem__)
         if scores[best] - scores[worst] >= 0.2:
-            out["heldout" if i in held else "train"].append({
-                "prompt": p["prompt"], "chosen": cands[best][0], "rejected": cands[worst][0], "family": "harmful",
-                "category": p.get("category", ""), "pair_type": "long_refusal_held_vs_pivot",
-                "chosen_score": scores[best], "rejected_score": scores[worst],
-                "chosen_complete": cands[best][1], "rejected_complete": cands[worst][1]})
+            out["heldout" if i in held else "train"].append(pair(
+                p, "harmful", "long_refusal_held_vs_pivot", (scores[best], *cands[best]),
+                (scores[worst], *cands[worst])))
     for split, rows in out.items():
         write(OUT / f"harmlessness_long_{split}.jsonl", rows)
     write_harmlessness_all()
@@ -140,7 +135,7 @@ def guided_pivots(engine, prompts: list[dict], args):
         rounds.append(engine.generate([p["prompt"] for p in prompts], panes, opts))
         print(f"  round {k + 1}/{args.samples}: {len(prompts)} prompts x {len(panes)} panes "
               f"({time.time() - start:.0f} s)", flush=True)
-    held = set(random.Random(args.seed).sample(range(len(prompts)), len(prompts) // 10))  # as refusals_that_hold
+    held = held_out(len(prompts), args.seed)  # the prompts refusals_that_hold holds out
     out = {"train": [], "heldout": []}
     for i, p in enumerate(prompts):
         cands = [(j, c.text.strip(), c.finish_reason == "eos") for r in rounds for j, c in enumerate(r[i])]
@@ -154,13 +149,10 @@ def guided_pivots(engine, prompts: list[dict], args):
         for pane in range(1, len(panes)):
             pivots = [(s["harmlessness"], t, d) for (j, t, d), s in zip(cands, judged)
                       if j == pane and not s["refusal"]]
-            if pivots and chosen[0] - min(pivots)[0] >= 0.2:
-                rejected = min(pivots)
-                out["heldout" if i in held else "train"].append({
-                    "prompt": p["prompt"], "chosen": chosen[1], "rejected": rejected[1], "family": "harmful",
-                    "category": p.get("category", ""), "pair_type": "onpolicy_refusal_vs_guided_pivot",
-                    "chosen_score": chosen[0], "rejected_score": rejected[0],
-                    "chosen_complete": chosen[2], "rejected_complete": rejected[2]})
+            rejected = min(pivots, default=None)
+            if rejected is not None and chosen[0] - rejected[0] >= 0.2:
+                out["heldout" if i in held else "train"].append(pair(
+                    p, "harmful", "onpolicy_refusal_vs_guided_pivot", chosen, rejected))
     for split, rows in out.items():
         write(OUT / f"harmlessness_onpolicy_{split}.jsonl", rows)
     write_harmlessness_all()
@@ -173,6 +165,19 @@ def write_harmlessness_all():
         parts = [OUT / f"{short}.jsonl", OUT / f"harmlessness_long_{split}.jsonl",
                  OUT / f"harmlessness_onpolicy_{split}.jsonl"]
         write(OUT / f"harmlessness_all_{split}.jsonl", [r for f in parts if f.exists() for r in read(f)])
+
+
+def held_out(n: int, seed: int) -> set[int]:
+    """The indices of a seeded tenth of n prompts, held out for the ARM's preference accuracy."""
+    return set(random.Random(seed).sample(range(n), n // 10))
+
+
+def pair(prompt: dict, family: str, pair_type: str, chosen: tuple, rejected: tuple) -> dict:
+    """One preference pair; chosen and rejected are (judge score, text, ended with EOS)."""
+    return {"prompt": prompt["prompt"], "chosen": chosen[1], "rejected": rejected[1], "family": family,
+            "category": prompt.get("category", ""), "pair_type": pair_type,
+            "chosen_score": chosen[0], "rejected_score": rejected[0],
+            "chosen_complete": chosen[2], "rejected_complete": rejected[2]}
 
 
 def read(path: Path) -> list[dict]:

@@ -159,40 +159,88 @@ def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
 
 
 def plot(summary: list[dict], path, title: str):
+    """The trade-off scatter: grid settings as dots (the base a star), system-prompt baselines as
+    red squares, DPO as a purple diamond; error bars are the std across seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    xs, ys = [s["helpfulness"] for s in summary], [s["harmlessness"] for s in summary]
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed = []  # (x, y, line) of labelled points: a label near others takes the first free line
+    points, spreads, texts = [], [], []
     for s in summary:
         w = s.get("weights")
         if w is None:  # a baseline: its own marker
             text = s["setting"].replace("system prompt: ", "sys: ")
             marker, size, colour = ("s", 8, "tab:red") if s["setting"].startswith("system") else ("D", 8, "tab:purple")
+        elif not any(w.values()):
+            text, marker, size, colour = "base", "*", 12, "black"
         else:
             text = ", ".join(f"{k[:4]}={v:g}" for k, v in w.items())
-            base = all(v == 0 for v in w.values())
-            marker, size, colour = ("*", 12, "black") if base else ("o", 6, None)
+            marker, size, colour = "o", 6, None
         ax.errorbar(s["helpfulness"], s["harmlessness"], xerr=s["helpfulness_std"], yerr=s["harmlessness_std"],
                     fmt=marker, ms=size, capsize=2, color=colour)
-        taken = {line for x, y, line in placed
-                 if abs(s["helpfulness"] - x) / span_x < 0.15 and abs(s["harmlessness"] - y) / span_y < 0.04}
-        line = next(k for k in itertools.count() if k not in taken)
-        placed.append((s["helpfulness"], s["harmlessness"], line))
-        right = (s["helpfulness"] - min(xs)) / span_x > 0.75  # label to the left, inside the axes
-        ax.annotate(text, (s["helpfulness"], s["harmlessness"]), fontsize=7, textcoords="offset points",
-                    xytext=(-4 if right else 4, 4 - 10 * line), ha="right" if right else "left")
+        points.append((s["helpfulness"], s["harmlessness"]))
+        spreads.append((s["helpfulness_std"], s["harmlessness_std"]))
+        texts.append(text)
+    ax.margins(0.12)
     ax.set_xlabel("helpfulness judge (mean over held-out prompts)")
     ax.set_ylabel("harmlessness judge (mean)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, points, texts, spreads)
     fig.savefig(path)
     plt.close(fig)
+
+
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str],
+                 spreads: list[tuple[float, float]] | None = None, fontsize: float = 7) -> list:
+    """Annotates each point with its text at the first free spot: rings of 8 directions at growing
+    distances, a spot being free when its box stays inside the axes and overlaps no marker, no error
+    bar (spreads: the (x, y) half-widths) and no label placed before. Labels away from their point
+    get a thin leader line. Returns the labels."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    px = [ax.transData.transform(p) for p in points]  # (x, y) in display pixels
+    taken = [Bbox.from_bounds(x - 6, y - 6, 12, 12) for x, y in px]  # the markers
+    for (x, y), (sx, sy) in zip(points, spreads or []):  # the error bars, 2 px thick
+        (x0, y0), (x1, y1) = ax.transData.transform([(x - sx, y - sy), (x + sx, y + sy)])
+        (cx, cy) = ax.transData.transform((x, y))
+        taken += [Bbox.from_extents(x0, cy - 1, x1, cy + 1), Bbox.from_extents(cx - 1, y0, cx + 1, y1)]
+    scale = fig.dpi / 72  # points -> pixels
+    directions = [(1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    labels = []
+    for (x, y), (qx, qy), text in zip(points, px, texts):
+        probe = ax.text(0, 0, text, fontsize=fontsize)
+        w, h = (lambda b: (b.width, b.height))(probe.get_window_extent(renderer))
+        probe.remove()
+        spot = None
+        for dist in (5, 14, 26, 40, 56, 74):
+            for dx, dy in directions:
+                ox, oy = dx * dist * scale, dy * dist * scale  # the box's anchor, from the point
+                left = qx + ox - (w if dx < 0 else w / 2 if dx == 0 else 0)
+                bottom = qy + oy - (h if dy < 0 else h / 2 if dy == 0 else 0)
+                box = Bbox.from_bounds(left, bottom, w, h)
+                if (inside.containsx(box.x0) and inside.containsx(box.x1) and inside.containsy(box.y0)
+                        and inside.containsy(box.y1) and not any(box.overlaps(t) for t in taken)):
+                    spot = (dx, dy, dist, box)
+                    break
+            if spot:
+                break
+        dx, dy, dist, box = spot or (1, 1, 5, None)  # no free spot: the default, overlapping
+        if box is not None:
+            taken.append(box)
+        labels.append(ax.annotate(
+            text, (x, y), xytext=(dx * dist, dy * dist), textcoords="offset points", fontsize=fontsize,
+            ha="right" if dx < 0 else "center" if dx == 0 else "left",
+            va="top" if dy < 0 else "center" if dy == 0 else "bottom",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 4} if dist > 5 else None))
+    return labels
 
 
 def _percent(x) -> str:

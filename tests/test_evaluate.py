@@ -97,3 +97,35 @@ def test_grid_run_on_a_tiny_engine(engine, tmp_path):
     plot(summary, tmp_path / "t.png", "tiny")
     assert (tmp_path / "t.png").stat().st_size > 1000
     json.dumps(summary)
+
+
+def test_labels_of_clustered_points_do_not_overlap_each_other_or_the_markers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from genarm_core.evaluate import place_labels
+
+    # the real plot's crowd: a base, two near-identical helpfulness points and two system prompts
+    points = [(0.84, 0.61), (0.872, 0.601), (0.875, 0.603), (0.803, 0.62), (0.812, 0.617),
+              (0.58, 0.895), (0.61, 0.857)]
+    texts = ["base", "help=1, harm=0", "help=2, harm=0", "sys: harmless", "sys: helpful and harmless",
+             "help=0, harm=2", "help=0, harm=1"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ax.plot(*zip(*points), "o")
+    ax.margins(0.12)
+    labels = place_labels(ax, points, texts, spreads=[(0.02, 0.005)] * len(points))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, not its leader line
+    inside = ax.get_window_extent(renderer)
+    for i, b in enumerate(boxes):
+        assert inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1, texts[i]
+        for j in range(i):
+            assert not b.overlaps(boxes[j]), (texts[i], texts[j])
+        for x, y in points:
+            px, py = ax.transData.transform((x, y))
+            assert not (b.x0 < px < b.x1 and b.y0 < py < b.y1), (texts[i], (x, y))
+    plt.close(fig)

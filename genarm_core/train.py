@@ -141,39 +141,123 @@ def add_lora(model, c: TrainConfig):
         raise TrainError(f"LoRA: {e}") from None
 
 
-def pair_logprobs(model, batch, vocab_size: int, length_normalise: bool = False):
+def pair_logprobs(model, batch, vocab_size: int, length_normalise: bool = False, trunk=None):
     """logp_r(y_w | x) and logp_r(y_l | x) of each pair, from one forward over the chosen and
-    rejected rows of the batch (data.collate).
+    rejected rows of the batch (data.collate). trunk: (layer, hidden [rows, length, d]), the
+    input of that decoder layer, from which the forward starts (see TrunkTap).
 
     Logits are kept only from the position before the earliest response token on: the
     [rows, length, vocab] logits dominate time and memory, and prompts are often most of length.
     """
     start = max(int(batch.response_mask.float().argmax(-1).min()) - 1, 0)
     width = batch.input_ids.shape[1]
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   logits_to_keep=width - start).logits
+    if trunk is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       logits_to_keep=width - start).logits
+    else:
+        logits = _upper_logits(model, trunk, batch.attention_mask, width - start)
     logp = fusion.sequence_logprob(logits[..., :vocab_size], batch.input_ids[:, start:],
                                    batch.response_mask[:, start:], length_normalise)
     return logp[:batch.pairs], logp[batch.pairs:]
 
 
-def reference_logprobs(model, batch, vocab_size: int, length_normalise: bool = False):
-    """The pairs' log-probs under the reference policy: the same model with its adapter off."""
+def _peft(model):
     from peft import PeftModel
 
-    peft_model = model if isinstance(model, PeftModel) else getattr(model, "module", model)
-    with torch.no_grad(), peft_model.disable_adapter():
-        return pair_logprobs(model, batch, vocab_size, length_normalise)
+    return model if isinstance(model, PeftModel) else getattr(model, "module", model)
+
+
+def _decoder(model):
+    """The HF decoder (the module with .layers) of a supported architecture, else None."""
+    from .backbone import SUPPORTED
+
+    inner = _peft(model).get_base_model()
+    decoder = getattr(inner, "model", None)
+    ok = inner.config.model_type in SUPPORTED and isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList)
+    return decoder if ok else None
+
+
+def first_adapted_layer(model) -> int:
+    """The lowest decoder layer with a LoRA module: layers below it are the base's own, so the
+    adapter-off reference shares them with the policy. 0 when a module below the layers (e.g.
+    the embedding) is adapted."""
+    import re
+
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for name, module in _peft(model).named_modules():
+        if isinstance(module, LoraLayer):
+            m = re.search(r"\.layers\.(\d+)\.", name)
+            if m:
+                layers.append(int(m.group(1)))
+            elif not name.endswith("lm_head"):
+                return 0
+    return min(layers, default=0)
+
+
+class TrunkTap:
+    """Within `with`, keeps the input of the first adapted decoder layer from the forward that
+    runs: (layer, hidden). DPO's reference forward then starts there instead of at the embedding
+    (on SmolLM2 with LoRA on layers 20-29, 20 of 30 layers run once instead of twice). `.trunk`
+    stays None where nothing can be shared."""
+
+    def __init__(self, model):
+        self.trunk, self._hook = None, None
+        decoder, layer = _decoder(model), first_adapted_layer(model)
+        if decoder is not None and layer > 0:
+            self._layer, self._below = layer, decoder.layers[layer - 1]
+
+    def __enter__(self):
+        if hasattr(self, "_below"):
+            def keep(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                self.trunk = (self._layer, hidden.detach())
+            self._hook = self._below.register_forward_hook(keep)
+        return self
+
+    def __exit__(self, *exc):
+        if self._hook is not None:
+            self._hook.remove()
+
+
+def _upper_logits(model, trunk, attention_mask, keep: int):
+    """The logits of a forward from decoder layer `layer` up, on that layer's input `hidden`: the
+    model's own forward with its lower layers taken out for the call (embedding skipped through
+    inputs_embeds; positions and masks are built from the length as in a full forward)."""
+    layer, hidden = trunk
+    decoder = _decoder(model)
+    layers = decoder.layers
+    decoder.layers = layers[layer:]
+    try:
+        return model(inputs_embeds=hidden, attention_mask=attention_mask, logits_to_keep=keep).logits
+    finally:
+        decoder.layers = layers
+
+
+def reference_logprobs(model, batch, vocab_size: int, length_normalise: bool = False, trunk=None):
+    """The pairs' log-probs under the reference policy: the same model with its adapter off
+    (from trunk, the shared lower layers' output of the policy's forward, when given)."""
+    with torch.no_grad(), _peft(model).disable_adapter():
+        return pair_logprobs(model, batch, vocab_size, length_normalise, trunk)
+
+
+def dpo_logprobs(model, batch, vocab_size: int, length_normalise: bool = False):
+    """(logp_w, logp_l) under the policy and (ref_w, ref_l) under the reference, the reference's
+    forward starting above the layers the two share."""
+    with TrunkTap(model) as tap:
+        logp_w, logp_l = pair_logprobs(model, batch, vocab_size, length_normalise)
+    return logp_w, logp_l, *reference_logprobs(model, batch, vocab_size, length_normalise, tap.trunk)
 
 
 def batch_loss(model, batch, vocab_size: int, beta: float, gamma: float = 0.0, length_normalise: bool = False,
                nll_weight: float = 0.0, dpo: bool = False):
     """Mean loss of the batch and each pair's two rewards (log-probs for an ARM, log-probs over
     the reference's for DPO): a pair is ranked right when the chosen one's is larger."""
-    logp_w, logp_l = pair_logprobs(model, batch, vocab_size, length_normalise)
     if dpo:
-        ref_w, ref_l = reference_logprobs(model, batch, vocab_size, length_normalise)
+        logp_w, logp_l, ref_w, ref_l = dpo_logprobs(model, batch, vocab_size, length_normalise)
         return fusion.dpo_loss(logp_w, logp_l, ref_w, ref_l, beta).mean(), logp_w - ref_w, logp_l - ref_l
+    logp_w, logp_l = pair_logprobs(model, batch, vocab_size, length_normalise)
     chosen_tokens = None if length_normalise else batch.response_mask[:batch.pairs, 1:].sum(-1)
     loss = fusion.arm_loss(logp_w, logp_l, beta, gamma, nll_weight, chosen_tokens)
     return loss.mean(), logp_w, logp_l
@@ -191,10 +275,11 @@ def evaluate(model, pairs: list[EncodedPair], c: TrainConfig, pad_id: int, vocab
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # correct, margin, loss, n
     for idx in batches[accelerator.process_index::accelerator.num_processes]:
         batch = collate([pairs[i] for i in idx], pad_id).to(accelerator.device)
-        logp_w, logp_l = pair_logprobs(model, batch, vocab_size, c.length_normalise)
         if c.loss == "dpo":  # DPO's implicit reward: the log-prob over the reference's
-            ref_w, ref_l = reference_logprobs(model, batch, vocab_size, c.length_normalise)
+            logp_w, logp_l, ref_w, ref_l = dpo_logprobs(model, batch, vocab_size, c.length_normalise)
             logp_w, logp_l = logp_w - ref_w, logp_l - ref_l
+        else:
+            logp_w, logp_l = pair_logprobs(model, batch, vocab_size, c.length_normalise)
         sums += torch.stack([(logp_w > logp_l).sum().double(), (c.beta * (logp_w - logp_l)).sum().double(),
                              (fusion.arm_loss(logp_w, logp_l, c.beta, 0.0) if c.loss == "dpo" else
                               fusion.arm_loss(logp_w, logp_l, c.beta, c.gamma)).sum().double(),

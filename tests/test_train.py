@@ -158,6 +158,62 @@ def test_lora_layers_and_target_modules_are_configurable(tokenizer):
     assert {n.split(".")[-4] for n in names} == {"q_proj", "o_proj"}
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dpo_reference_shares_the_unadapted_layers_and_equals_a_full_adapter_off_forward(tokenizer, arch):
+    """With LoRA on the upper layers only, DPO's reference forward starts at the first adapted layer
+    from the policy forward's hidden states: the lower layers run once per batch, the upper ones
+    twice, and the reference log-probs equal a full forward with the adapter off (and the policy's
+    differ from them: the adapter is not zero)."""
+    from genarm_core.train import dpo_logprobs, first_adapted_layer, reference_logprobs
+
+    model = make_model(tokenizer, arch, seed=3, hidden=32, layers=4)
+    config = TrainConfig(data=["x"], objective="x", output_dir="x", lora_layers=[2, 3], lora_r=4,
+                         target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    model = add_lora(model, config)
+    with torch.no_grad():  # LoRA B starts at zero: make the policy differ from the reference
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    assert first_adapted_layer(model) == 2
+    pairs = [PreferencePair("Tell me about tea.", "It is hot and nice.", "No."),
+             PreferencePair("Hi there, how are you?", "Hello, I am fine.", "Go away, please now"),
+             PreferencePair("Name a colour", "Green.", "A long answer that rambles on")]
+    batch = collate(encode_pairs(pairs, tokenizer, eos_id=2)[0], pad_id=2)
+    layers = model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    logp_w, logp_l, ref_w, ref_l = dpo_logprobs(model, batch, len(tokenizer))
+    assert calls == [1, 1, 2, 2]
+    full_w, full_l = reference_logprobs(model, batch, len(tokenizer))  # from the embedding
+    for h in hooks:
+        h.remove()
+    assert ref_w.tolist() == pytest.approx(full_w.tolist(), abs=1e-5)
+    assert ref_l.tolist() == pytest.approx(full_l.tolist(), abs=1e-5)
+    assert (logp_w - ref_w).abs().max() > 1e-2
+    with model.disable_adapter(), torch.no_grad():
+        hand = [hand_logprob(model, e.prompt, e.chosen) for e in encode_pairs(pairs, tokenizer, eos_id=2)[0]]
+    assert ref_w.tolist() == pytest.approx(hand, abs=1e-3)
+    loss = batch_loss(model, batch, len(tokenizer), beta=0.1, dpo=True)[0]
+    loss.backward()  # the policy side keeps its graph
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and ".layers.2." in n)
+
+
+def test_an_adapted_embedding_shares_no_layers(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from genarm_core.train import TrunkTap, first_adapted_layer
+
+    def adapted(targets):
+        model = make_model(tokenizer, "llama", seed=3, hidden=32, layers=3)
+        return get_peft_model(model, LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+
+    assert first_adapted_layer(adapted(["layers.1.self_attn.q_proj", "lm_head"])) == 1
+    model = adapted(["embed_tokens", "layers.1.self_attn.q_proj"])
+    assert first_adapted_layer(model) == 0
+    assert TrunkTap(model).trunk is None and not hasattr(TrunkTap(model), "_below")
+
+
 # ---- training ----------------------------------------------------------------------------------
 def test_learns_the_rule_from_chance_to_90_percent(rule_run):
     res = rule_run["result"]

@@ -21,6 +21,14 @@ def weight_grid(names: list[str], values) -> list[dict[str, float]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*per_arm)]
 
 
+def decoded_grid(values: dict[str, list[float]], records: list[dict]) -> list[dict[str, float]]:
+    """The settings of weight_grid(values) that the records hold, in the grid's order: a grid
+    merged from several runs (e.g. 0-2 for both ARMs, then harmlessness 4) need not hold every
+    combination of its values."""
+    decoded = {setting_of(r) for r in records}
+    return [w for w in weight_grid(list(values), values) if label(w) in decoded]
+
+
 def read_prompts(path) -> list[dict]:
     """JSONL with {"prompt", "family": "benign"|"harmful", "category"}."""
     from .data import DataError, jsonl_records

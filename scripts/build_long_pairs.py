@@ -16,6 +16,7 @@ everyday prompts (what the helpfulness ARM trains on). Deterministic given --see
 guided_pivots); it needs trained ARMs, so it runs after a first scripts/train_demo_arms.sh.
 """
 import argparse
+import itertools
 import json
 import random
 import time
@@ -36,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", choices=("helpfulness", "harmlessness", "harmlessness-on-policy"),
                     default="helpfulness")
+    ap.add_argument("--round", type=int, default=1,
+                    help="harmlessness-on-policy: which round (2: under the ARM retrained on round 1's pairs)")
     args = ap.parse_args()
     prompts = [json.loads(line) for line in (OUT / "prompts_train.jsonl").read_text().splitlines() if line.strip()]
     engine = Engine.from_profile()
@@ -126,12 +129,16 @@ def guided_pivots(engine, prompts: list[dict], args):
     pair shows the ARM. On each harmful training prompt, --samples rounds of the PIVOTING and
     DECLINING panes; the most harmless answer the judge counts as a refusal is chosen over each
     pivoting pane's least harmless compliance (gap >= 0.2), at most one pair per pane and prompt;
-    a prompt whose chosen answer does not decline in its first sentence gives no pair."""
+    a prompt whose chosen answer does not decline in its first sentence gives no pair.
+    --round 2 (and on) samples anew (other seeds) under the ARM retrained with the earlier rounds'
+    pairs, whose guided answers turn elsewhere, and writes its own files beside them."""
+    if args.round < 1:
+        raise SystemExit(f"error: --round: expected an integer >= 1, got {args.round}")
     panes = [DECLINING, *PIVOTING]
     start, rounds = time.time(), []
     for k in range(args.samples):
         opts = SamplingOptions(temperature=0.7, top_p=0.9, no_repeat_ngram_size=3, max_new_tokens=128,
-                               seed=args.seed * 100 + 50 + k)
+                               seed=args.seed * 100 + 50 + 10 * (args.round - 1) + k)
         rounds.append(engine.generate([p["prompt"] for p in prompts], panes, opts))
         print(f"  round {k + 1}/{args.samples}: {len(prompts)} prompts x {len(panes)} panes "
               f"({time.time() - start:.0f} s)", flush=True)
@@ -154,16 +161,21 @@ def guided_pivots(engine, prompts: list[dict], args):
                 out["heldout" if i in held else "train"].append(pair(
                     p, "harmful", "onpolicy_refusal_vs_guided_pivot", chosen, rejected))
     for split, rows in out.items():
-        write(OUT / f"harmlessness_onpolicy_{split}.jsonl", rows)
+        write(onpolicy_file(args.round, split), rows)
     write_harmlessness_all()
+
+
+def onpolicy_file(round_: int, split: str) -> Path:
+    return OUT / (f"harmlessness_onpolicy_{split}.jsonl" if round_ == 1 else
+                  f"harmlessness_onpolicy_r{round_}_{split}.jsonl")
 
 
 def write_harmlessness_all():
     """harmlessness_all_{train,heldout}.jsonl (what the harmlessness ARM trains on): the short
-    pairs, the long refusals that hold and, once built, the on-policy pairs."""
+    pairs, the long refusals that hold and, once built, the on-policy pairs of each round."""
     for split, short in (("train", "harmlessness_train"), ("heldout", "harmlessness_heldout_sample")):
-        parts = [OUT / f"{short}.jsonl", OUT / f"harmlessness_long_{split}.jsonl",
-                 OUT / f"harmlessness_onpolicy_{split}.jsonl"]
+        parts = [OUT / f"{short}.jsonl", OUT / f"harmlessness_long_{split}.jsonl"]
+        parts += itertools.takewhile(Path.exists, (onpolicy_file(k, split) for k in itertools.count(1)))
         write(OUT / f"harmlessness_all_{split}.jsonl", [r for f in parts if f.exists() for r in read(f)])
 
 

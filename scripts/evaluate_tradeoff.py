@@ -24,8 +24,8 @@ from dataclasses import replace  # noqa: E402
 from genarm_core import Engine, SamplingOptions, load_models  # noqa: E402
 from genarm_core.config import ModelSource  # noqa: E402
 from genarm_core.data import jsonl_records  # noqa: E402
-from genarm_core.evaluate import (BASELINES, judge_records, markdown_table, merge_records, plot, read_prompts,  # noqa: E402
-                                  run_grid, summarise, weight_grid)
+from genarm_core.evaluate import (BASELINES, decoded_grid, judge_records, markdown_table, merge_records,  # noqa: E402
+                                  plot, read_prompts, run_grid, summarise, weight_grid)
 
 
 def main():
@@ -103,6 +103,8 @@ def main():
         saved = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")]
         records = merge_records(saved, records)
         meta = {k: v for k, v in meta.items() if k != "seconds"}  # the decoding time of a single run only
+        if not args.only_baselines:  # new grid points (e.g. --grid harmlessness=4) join the saved grid
+            meta["values"] = {n: sorted({*meta["values"][n], *values[n]}) for n in meta["values"]}
         meta["seeds"] = sorted({r["seed"] for r in records})
         write_results(Path(args.out), meta, records)
         return
@@ -115,7 +117,7 @@ def main():
 
 def write_results(out: Path, meta: dict, records: list[dict]):
     """tradeoff.json (meta + summary), tradeoff_samples.jsonl, tradeoff.png; prints the table."""
-    summary = summarise(records, weight_grid(list(meta["values"]), meta["values"]))
+    summary = summarise(records, decoded_grid(meta["values"], records))
     out.mkdir(parents=True, exist_ok=True)
     (out / "tradeoff.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
     (out / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

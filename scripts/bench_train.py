@@ -68,7 +68,7 @@ def main():
         full = run(args, base, layers, torch, train_arm, "reference from the embedding")
         train.first_adapted_layer = shared
         part = run(args, base, layers, torch, train_arm, "reference from the first adapted layer")
-        print(f"shared trunk: {full / part:.2f}x the training throughput of the full reference forward")
+        print(f"shared trunk: {part / full:.2f}x the training throughput of the full reference forward")
     else:
         run(args, base, layers, torch, train_arm, "ARM")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

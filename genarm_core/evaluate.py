@@ -216,32 +216,31 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str],
     inside = ax.get_window_extent(renderer)
     px = [ax.transData.transform(p) for p in points]  # (x, y) in display pixels
     taken = [Bbox.from_bounds(x - 6, y - 6, 12, 12) for x, y in px]  # the markers
-    for (x, y), (sx, sy) in zip(points, spreads or []):  # the error bars, 2 px thick
+    for (x, y), (cx, cy), (sx, sy) in zip(points, px, spreads or []):  # the error bars, 2 px thick
         (x0, y0), (x1, y1) = ax.transData.transform([(x - sx, y - sy), (x + sx, y + sy)])
-        (cx, cy) = ax.transData.transform((x, y))
         taken += [Bbox.from_extents(x0, cy - 1, x1, cy + 1), Bbox.from_extents(cx - 1, y0, cx + 1, y1)]
     scale = fig.dpi / 72  # points -> pixels
-    directions = [(1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    spots = [(dx, dy, dist) for dist in (5, 14, 26, 40, 56, 74)
+             for dx, dy in [(1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]]
+
+    def box_at(qx, qy, w, h, dx, dy, dist):
+        """The label's box when its anchor sits dist points from the point in direction (dx, dy)."""
+        left = qx + dx * dist * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
+        bottom = qy + dy * dist * scale - (h if dy < 0 else h / 2 if dy == 0 else 0)
+        return Bbox.from_bounds(left, bottom, w, h)
+
+    def free(box):
+        return (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                and not any(box.overlaps(t) for t in taken))
+
     labels = []
     for (x, y), (qx, qy), text in zip(points, px, texts):
         probe = ax.text(0, 0, text, fontsize=fontsize)
-        w, h = (lambda b: (b.width, b.height))(probe.get_window_extent(renderer))
+        extent = probe.get_window_extent(renderer)
         probe.remove()
-        spot = None
-        for dist in (5, 14, 26, 40, 56, 74):
-            for dx, dy in directions:
-                ox, oy = dx * dist * scale, dy * dist * scale  # the box's anchor, from the point
-                left = qx + ox - (w if dx < 0 else w / 2 if dx == 0 else 0)
-                bottom = qy + oy - (h if dy < 0 else h / 2 if dy == 0 else 0)
-                box = Bbox.from_bounds(left, bottom, w, h)
-                if (inside.containsx(box.x0) and inside.containsx(box.x1) and inside.containsy(box.y0)
-                        and inside.containsy(box.y1) and not any(box.overlaps(t) for t in taken)):
-                    spot = (dx, dy, dist, box)
-                    break
-            if spot:
-                break
-        dx, dy, dist, box = spot or (1, 1, 5, None)  # no free spot: the default, overlapping
-        if box is not None:
+        boxes = ((spot, box_at(qx, qy, extent.width, extent.height, *spot)) for spot in spots)
+        (dx, dy, dist), box = next(((spot, box) for spot, box in boxes if free(box)), (spots[0], None))
+        if box is not None:  # (no free spot: the first one, overlapping)
             taken.append(box)
         labels.append(ax.annotate(
             text, (x, y), xytext=(dx * dist, dy * dist), textcoords="offset points", fontsize=fontsize,

@@ -203,13 +203,13 @@ class TrunkTap:
     stays None where nothing can be shared."""
 
     def __init__(self, model):
-        self.trunk, self._hook = None, None
-        decoder, layer = _decoder(model), first_adapted_layer(model)
-        if decoder is not None and layer > 0:
-            self._layer, self._below = layer, decoder.layers[layer - 1]
+        self.trunk, self._hook, self._below = None, None, None
+        decoder, self._layer = _decoder(model), first_adapted_layer(model)
+        if decoder is not None and self._layer > 0:
+            self._below = decoder.layers[self._layer - 1]
 
     def __enter__(self):
-        if hasattr(self, "_below"):
+        if self._below is not None:
             def keep(module, args, output):
                 hidden = output[0] if isinstance(output, tuple) else output
                 self.trunk = (self._layer, hidden.detach())

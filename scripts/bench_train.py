@@ -51,7 +51,6 @@ def main():
     import torch
 
     from genarm_core.models import builtin_folder
-    from genarm_core.train import train_arm
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,20 +64,22 @@ def main():
 
         shared = train.first_adapted_layer
         train.first_adapted_layer = lambda model: 0  # the reference forward from the embedding
-        full = run(args, base, layers, torch, train_arm, "reference from the embedding")
+        full = run(args, base, layers, "reference from the embedding")
         train.first_adapted_layer = shared
-        part = run(args, base, layers, torch, train_arm, "reference from the first adapted layer")
+        part = run(args, base, layers, "reference from the first adapted layer")
         print(f"shared trunk: {part / full:.2f}x the training throughput of the full reference forward")
     else:
-        run(args, base, layers, torch, train_arm, "ARM")
+        run(args, base, layers, "ARM")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if torch.cuda.is_available():
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
-def run(args, base: str, layers, torch, train_arm, what: str) -> float:
+def run(args, base: str, layers, what: str) -> float:
     """One training run; prints its numbers and returns its pairs/s."""
-    from genarm_core.train import TrainConfig
+    import torch
+
+    from genarm_core.train import TrainConfig, train_arm
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"

@@ -211,7 +211,7 @@ def test_an_adapted_embedding_shares_no_layers(tokenizer):
     assert first_adapted_layer(adapted(["layers.1.self_attn.q_proj", "lm_head"])) == 1
     model = adapted(["embed_tokens", "layers.1.self_attn.q_proj"])
     assert first_adapted_layer(model) == 0
-    assert TrunkTap(model).trunk is None and not hasattr(TrunkTap(model), "_below")
+    assert TrunkTap(model).trunk is None and TrunkTap(model)._below is None
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Answers read by hand for the refusal judge (space_assets/DATA_CARD.md, "Refusal labels").
+
+    .venv/bin/python scripts/refusal_labels.py pool     # draws the answers to read (deterministic)
+    .venv/bin/python scripts/refusal_labels.py batch N  # prints blind batch N: id, prompt, answer only
+    .venv/bin/python scripts/refusal_labels.py join     # reads + pool -> refusal_labels.jsonl
+
+`pool` draws a stratified sample of space_assets/tradeoff_samples.jsonl (harmful answers with
+harmlessness on and the rule judge saying refusal drawn most), adds the hand-read answers of
+refusal_reads.jsonl that the trade-off samples do not hold (two other ARMs), removes duplicate
+texts and shuffles, so that the pool's order says nothing about the setting. The reader sees only
+`batch` output and writes one line per answer to refusal_label_reads.tsv: id, label, note.
+`join` attaches each read to its answer's prompt, family, setting and seed.
+"""
+import argparse
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from genarm_core.read_judge import LABELS  # noqa: E402
+
+DATA = ROOT / "space_assets/data"
+SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"
+OLD_READS = DATA / "refusal_reads.jsonl"
+POOL = DATA / "refusal_label_pool.jsonl"
+READS = DATA / "refusal_label_reads.tsv"
+LABELS_OUT = DATA / "refusal_labels.jsonl"
+BATCH_SIZE = 30
+SEED = 24
+
+# (name, which records, how many to draw); "all" takes every record of the stratum
+STRATA = [
+    ("harmful, harmlessness on, rule refusal", lambda r: r["family"] == "harmful" and _guided_harmless(r) and r["refusal"], 190),
+    ("harmful, harmlessness on, rule answer", lambda r: r["family"] == "harmful" and _guided_harmless(r) and not r["refusal"], 70),
+    ("harmful, harmlessness off, rule refusal", lambda r: r["family"] == "harmful" and not _guided_harmless(r) and r["refusal"], "all"),
+    ("harmful, harmlessness off, rule answer", lambda r: r["family"] == "harmful" and not _guided_harmless(r) and not r["refusal"], 40),
+    ("benign, rule refusal", lambda r: r["family"] == "benign" and r["refusal"], "all"),
+    ("benign, rule answer", lambda r: r["family"] == "benign" and not r["refusal"], 60),
+]
+
+
+def _guided_harmless(record: dict) -> bool:
+    return not record.get("baseline") and record["weights"].get("harmlessness", 0) > 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answer_id(prompt: str, text: str) -> str:
+    return hashlib.sha1(f"{prompt}\n{text}".encode()).hexdigest()[:8]
+
+
+def draw_evenly(rows: list[dict], n, rng: random.Random, must: set) -> list[dict]:
+    """n rows spread evenly over settings (round robin over shuffled per-setting lists); rows whose
+    id is in `must` (answers read before) come first."""
+    if n == "all" or n >= len(rows):
+        return rows
+    by_setting: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (answer_id(r["prompt"], r["text"]) not in must, rng.random())):
+        by_setting.setdefault(r["setting"], []).append(r)
+    picked, queues = [], list(by_setting.values())
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
+
+
+def tradeoff_entry(r: dict, stratum: str) -> dict:
+    return {"prompt": r["prompt"], "family": r["family"], "category": r.get("category", ""),
+            "setting": r["setting"], "seed": r["seed"], "source": "tradeoff_samples", "arm": "shipped",
+            "stratum": stratum, "text": r["text"], "rule_refusal": r["refusal"]}
+
+
+def old_read_entry(r: dict) -> dict:
+    return {"prompt": r["prompt"], "family": "harmful", "category": "", "setting": r["setting"],
+            "seed": r["seed"], "source": "refusal_reads", "arm": r["harmlessness_arm"],
+            "stratum": "earlier read, another ARM", "text": r["text"], "rule_refusal": r["judge_refusal"],
+            "earlier_read": r["read"]}
+
+
+def build_pool() -> list[dict]:
+    rng = random.Random(SEED)
+    records = read_jsonl(SAMPLES)
+    old = read_jsonl(OLD_READS)
+    old_by_id = {answer_id(o["prompt"], o["text"]): o for o in old}
+    pool, seen = [], set()
+    for name, keep, n in STRATA:
+        rows = [r for r in records if keep(r)]
+        for r in draw_evenly(rows, n, rng, set(old_by_id)):
+            entry = tradeoff_entry(r, name)
+            earlier = old_by_id.get(answer_id(r["prompt"], r["text"]))
+            if earlier and earlier["harmlessness_arm"] == "shipped":
+                entry["earlier_read"] = earlier["read"]
+            pool.append(entry)
+    known = {(r["prompt"], r["text"]) for r in records}
+    pool += [old_read_entry(o) for o in old if (o["prompt"], o["text"]) not in known]
+    unique = []
+    for e in pool:
+        e["id"] = answer_id(e["prompt"], e["text"])
+        if e["id"] not in seen:
+            seen.add(e["id"])
+            unique.append(e)
+    rng.shuffle(unique)
+    return unique
+
+
+def blind_batch(pool: list[dict], n: int) -> str:
+    rows = pool[n * BATCH_SIZE:(n + 1) * BATCH_SIZE]
+    return "\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows)
+
+
+def parse_reads(path: Path) -> dict[str, tuple[str, str]]:
+    """id -> (label, note) from the tab-separated reads; a later line for an id wins."""
+    reads = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        rid, label, *note = line.split("\t")
+        if label not in LABELS:
+            raise SystemExit(f"{path}:{n}: unknown label {label!r}; expected one of {', '.join(LABELS)}")
+        reads[rid] = (label, note[0].strip() if note else "")
+    return reads
+
+
+def join(pool: list[dict], reads: dict) -> list[dict]:
+    out = []
+    for e in sorted(pool, key=lambda e: e["id"]):
+        if e["id"] in reads:
+            label, note = reads[e["id"]]
+            out.append({k: v for k, v in e.items() if k != "stratum"} | {"label": label, "note": note})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("pool")
+    sub.add_parser("batch").add_argument("n", type=int)
+    sub.add_parser("join")
+    args = ap.parse_args()
+    if args.cmd == "pool":
+        pool = build_pool()
+        POOL.write_text("".join(json.dumps(e) + "\n" for e in pool))
+        print(f"{len(pool)} answers in {POOL} ({-(-len(pool) // BATCH_SIZE)} batches of {BATCH_SIZE})")
+    elif args.cmd == "batch":
+        print(blind_batch(read_jsonl(POOL), args.n))
+    else:
+        labelled = join(read_jsonl(POOL), parse_reads(READS))
+        LABELS_OUT.write_text("".join(json.dumps(e) + "\n" for e in labelled))
+        print(f"{len(labelled)} labelled answers in {LABELS_OUT}")
+
+
+if __name__ == "__main__":
+    main()

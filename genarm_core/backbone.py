@@ -200,11 +200,12 @@ class Backbone:
         self.kv_heads = config.num_key_value_heads
         self.heads = config.num_attention_heads
         self.head_dim = inner.layers[0].self_attn.head_dim
-        config = model.config.get_text_config()
         tuning = tuner(product_shapes(model, rows, vocab_size, options.batched_lora),
                        (config.num_attention_heads, config.num_key_value_heads, inner.layers[0].self_attn.head_dim))
         self.invariant = options.invariant and tuning.invariant  # rows independent of the batch
+        self.invariance = tuning.invariance() if options.invariant else "off in the profile (engine.batch_invariant)"
         self.attention_plan = tuning.attention
+        self.forms_used = sorted({f for p in [*tuning.linear.values(), tuning.attention] for f in p.used})
         dtype = inner.embed_tokens.weight.dtype
         # on a CPU attention runs in float32 (see kernels.py); elsewhere in the model's dtype
         self.cache_dtype = torch.float32 if self.device_type(inner) == "cpu" else dtype

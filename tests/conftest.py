@@ -3,6 +3,7 @@ tokenizer, saved as folders that profiles load like any other model."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# measured product plans go to a folder of this test run, never to the user's ~/.cache/genarm
+os.environ["GENARM_TUNING_CACHE"] = tempfile.mkdtemp(prefix="genarm-tuning-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "smollm2_tokenizer"

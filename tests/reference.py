@@ -11,6 +11,44 @@ def full_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
+# The engine's float32 error against a float64 reference may be this many times transformers' own
+# float32 error on the same inputs (measured alongside it, on the CPU that runs the tests): a bound
+# that follows the machine's kernels instead of a constant fitted to one CPU. A real mistake (a
+# wrong LoRA scale, a stale cache row, a masked key read) is off by orders of magnitude more.
+ERROR_MULTIPLE = 4.0
+
+
+class Float32Budget:
+    """Collects the engine's and transformers' float32 errors against float64 on the same inputs;
+    check() asserts the engine's stays within ERROR_MULTIPLE times transformers'."""
+
+    def __init__(self):
+        self.engine = self.hf = 0.0
+
+    def add(self, got: torch.Tensor, model32, model64, ids: list[int]):
+        """got: the engine's log-probs after `ids`; model32/model64: the same model in both dtypes."""
+        exact = full_logprobs(model64, ids)
+        self.engine = max(self.engine, float((got.double() - exact).abs().max()))
+        self.hf = max(self.hf, float((full_logprobs(model32, ids) - exact).abs().max()))
+
+    def check(self):
+        assert self.hf > 0, "no float32 error measured"
+        assert self.engine <= ERROR_MULTIPLE * self.hf, (
+            f"the engine's float32 error {self.engine:.2e} exceeds {ERROR_MULTIPLE:g} x transformers' own "
+            f"{self.hf:.2e} on the same inputs")
+
+
+def float32_error(pairs, sequences) -> float:
+    """transformers' own float32 error against float64: the largest over these (model32, model64)
+    pairs and id sequences (every prefix from the prompt's end on)."""
+    worst = 0.0
+    for model32, model64 in pairs:
+        for ids, start in sequences:
+            for n in range(start, len(ids) + 1):
+                worst = max(worst, float((full_logprobs(model32, ids[:n]) - full_logprobs(model64, ids[:n])).abs().max()))
+    return worst
+
+
 def keep_top(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Written independently of fusion.sample: walk the sorted list."""
     order = torch.argsort(logits, descending=True).tolist()

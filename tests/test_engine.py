@@ -1,3 +1,4 @@
+import copy
 import gc
 import math
 import threading
@@ -8,9 +9,23 @@ import torch
 
 from conftest import engine_for, make_model, save_model
 from genarm_core import Pane, RequestError, SamplingOptions
-from reference import full_logprobs, reference_decode
+from reference import ERROR_MULTIPLE, float32_error, full_logprobs, reference_decode
 
-TOL = 1e-4  # float32 engine vs float64 reference, log-prob units
+
+
+@pytest.fixture(scope="module")
+def tol(tiny, engine):
+    """How far the engine's float32 log-probs may be from transformers' float32 references: both
+    within reference.ERROR_MULTIPLE (engine) and 1 (transformers) times transformers' own float32
+    error against float64, measured here on the prompts and a greedy continuation of each."""
+    pairs = [(m, copy.deepcopy(m).double()) for m in [tiny["base"], *arm_models(tiny)]]
+    sequences = []
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            out = tiny["base"].generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, pad_token_id=2)
+        sequences.append((out[0].tolist(), len(ids)))
+    return (ERROR_MULTIPLE + 1) * float32_error(pairs, sequences)
 PROMPTS = ["Tell me about tea.", "How do I fix a flat bicycle tyre quickly?"]
 
 
@@ -37,12 +52,14 @@ def run_stream(engine, prompt, panes, opts):
     return events
 
 
-def assert_matches(events, ref):
+def assert_matches(events, ref, tol, weights=()):
+    """Tokens equal; log-probs within tol (the fused one sums 1 + sum |w| models' log-probs)."""
     assert [e.token_id for e in events] == [r[0] for r in ref]
+    fused_tol = tol * (1 + sum(abs(w) for w in weights))
     for e, (tok, lp_base, lp_arms, lp_fused) in zip(events, ref):
-        assert e.logprob_base == pytest.approx(lp_base, abs=TOL)
-        assert list(e.logprob_arms.values()) == pytest.approx(lp_arms, abs=TOL)
-        assert e.logprob_fused == pytest.approx(lp_fused, abs=TOL)
+        assert e.logprob_base == pytest.approx(lp_base, abs=tol, rel=0)
+        assert list(e.logprob_arms.values()) == pytest.approx(lp_arms, abs=tol, rel=0)
+        assert e.logprob_fused == pytest.approx(lp_fused, abs=fused_tol, rel=0)
 
 
 def test_zero_weights_greedy_equals_transformers_generate(engine, tiny):
@@ -57,15 +74,15 @@ def test_zero_weights_greedy_equals_transformers_generate(engine, tiny):
         assert result.token_ids == out[0, len(ids):].tolist()
 
 
-def test_zero_weights_sampling_equals_plain_softmax_sampler(engine, tiny):
+def test_zero_weights_sampling_equals_plain_softmax_sampler(engine, tiny, tol):
     opts = SamplingOptions(temperature=0.9, max_new_tokens=10, seed=7)
     ids = engine.encode(PROMPTS[0])
     ref = reference_decode(tiny["base"], [], [], ids, 10, temperature=0.9, seed=7)
     events = run_stream(engine, PROMPTS[0], [{}], opts)[0]
     assert [e.token_id for e in events] == [r[0] for r in ref]
     for e, r in zip(events, ref):
-        assert e.logprob_base == pytest.approx(r[1], abs=TOL)
-        assert e.logprob_fused == pytest.approx(r[1], abs=TOL)  # fused == base at weight 0
+        assert e.logprob_base == pytest.approx(r[1], abs=tol, rel=0)
+        assert e.logprob_fused == pytest.approx(r[1], abs=tol, rel=0)  # fused == base at weight 0
 
 
 @pytest.mark.parametrize("weights,temperature,top_k,top_p,normalised", [
@@ -76,7 +93,7 @@ def test_zero_weights_sampling_equals_plain_softmax_sampler(engine, tiny):
     ((0.5, -0.5, 2.0), 0.7, 0, 0.6, False),
     ((3.0, 1.0, 0.0), 1.2, 50, 0.9, True),
 ])
-def test_fused_decoding_equals_full_recompute(engine, tiny, weights, temperature, top_k, top_p, normalised):
+def test_fused_decoding_equals_full_recompute(engine, tiny, tol, weights, temperature, top_k, top_p, normalised):
     names = engine.arm_names
     opts = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=8,
                            seed=3, normalised=normalised)
@@ -84,14 +101,14 @@ def test_fused_decoding_equals_full_recompute(engine, tiny, weights, temperature
     ref = reference_decode(tiny["base"], arm_models(tiny), weights, ids, 8, temperature, top_k, top_p,
                            seed=3, normalised=normalised)
     events = run_stream(engine, PROMPTS[1], [dict(zip(names, weights))], opts)[0]
-    assert_matches(events, ref)
+    assert_matches(events, ref, tol, weights)
 
 
 @pytest.mark.parametrize("penalty,ngram,min_p,temperature,top_p", [
     (1.3, 0, 0.0, 0.0, 1.0), (1.0, 2, 0.0, 0.0, 1.0), (1.5, 3, 0.0, 0.9, 0.9), (1.0, 0, 0.2, 1.0, 1.0),
     (1.2, 2, 0.05, 0.8, 0.95), (0.8, 0, 0.1, 1.2, 1.0),
 ])
-def test_repetition_rules_and_min_p_equal_the_reference(engine, tiny, penalty, ngram, min_p, temperature, top_p):
+def test_repetition_rules_and_min_p_equal_the_reference(engine, tiny, tol, penalty, ngram, min_p, temperature, top_p):
     names = engine.arm_names
     weights = (1.0, 0.5, -0.5)
     opts = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=16, seed=6,
@@ -100,7 +117,7 @@ def test_repetition_rules_and_min_p_equal_the_reference(engine, tiny, penalty, n
     ref = reference_decode(tiny["base"], arm_models(tiny), weights, ids, 16, temperature, 0, top_p, seed=6,
                            repetition_penalty=penalty, no_repeat_ngram_size=ngram, min_p=min_p)
     events = run_stream(engine, PROMPTS[0], [dict(zip(names, weights))], opts)[0]
-    assert_matches(events, ref)
+    assert_matches(events, ref, tol, weights)
 
 
 def test_no_repeat_ngrams_never_repeat_in_the_answer(engine):
@@ -113,7 +130,7 @@ def test_no_repeat_ngrams_never_repeat_in_the_answer(engine):
         assert (seq[j - 1], seq[j]) not in earlier
 
 
-def test_every_step_distribution_equals_full_recompute(engine, tiny):
+def test_every_step_distribution_equals_full_recompute(engine, tiny, tol):
     """The whole vocabulary, not only the chosen token: LoRA rows of one backbone equal the
     merged adapters run as separate models, the standalone ARM equals its own full recompute;
     sequences of different lengths join one cache and one leaves mid-way."""
@@ -130,9 +147,9 @@ def test_every_step_distribution_equals_full_recompute(engine, tiny):
 
     def check(base_lp, arm_lp, seqs, models):
         for s, ids in enumerate(seqs):
-            assert torch.allclose(base_lp[s].double(), full_logprobs(tiny["base"], ids), atol=TOL)
+            assert torch.allclose(base_lp[s].double(), full_logprobs(tiny["base"], ids), atol=tol, rtol=0)
             for i, model in models:
-                assert torch.allclose(arm_lp[s, i].double(), full_logprobs(model, ids), atol=TOL)
+                assert torch.allclose(arm_lp[s, i].double(), full_logprobs(model, ids), atol=tol, rtol=0)
 
     for step in range(4):
         check(base_lp, arm_lp, seqs, enumerate(arm_models(tiny)))
@@ -150,16 +167,16 @@ def test_every_step_distribution_equals_full_recompute(engine, tiny):
     check(base_lp, arm_lp, seqs, enumerate(arm_models(tiny)))
 
 
-def test_weak_to_strong_standalone_arm_of_another_size(tiny):
+def test_weak_to_strong_standalone_arm_of_another_size(tiny, tol):
     engine = engine_for(tiny["root"] / "base", [{"name": "small", "model": {"path": str(tiny["root"] / "small")}}])
     assert engine.models.row_names == [["base"], ["small"]]
     opts = SamplingOptions(temperature=0.0, max_new_tokens=6)
     ids = engine.encode(PROMPTS[0])
     ref = reference_decode(tiny["base"], [tiny["small"]], [2.0], ids, 6)
-    assert_matches(run_stream(engine, PROMPTS[0], [{"small": 2.0}], opts)[0], ref)
+    assert_matches(run_stream(engine, PROMPTS[0], [{"small": 2.0}], opts)[0], ref, tol, [2.0])
 
 
-def test_weight_change_mid_stream_applies_from_next_token(engine, tiny):
+def test_weight_change_mid_stream_applies_from_next_token(engine, tiny, tol):
     names = engine.arm_names
     before, after, switch = (0.0, 0.0, 0.0), (3.0, 0.0, 1.0), 3
     opts = SamplingOptions(temperature=0.8, max_new_tokens=7, seed=11)
@@ -172,7 +189,7 @@ def test_weight_change_mid_stream_applies_from_next_token(engine, tiny):
     ids = engine.encode(PROMPTS[0])
     ref = reference_decode(tiny["base"], arm_models(tiny), None, ids, 7, 0.8, seed=11,
                            weights_at=lambda s: before if s < switch else after)
-    assert_matches(events, ref)
+    assert_matches(events, ref, tol, after)
     assert [e.weights == dict(zip(names, before)) for e in events] == [True] * switch + [False] * 4
     # and before the switch nothing differs from a run that never changes weights
     unchanged = run_stream(engine, PROMPTS[0], [dict(zip(names, before))], opts)[0]
@@ -192,14 +209,18 @@ def test_panes_share_random_draws(engine):
     assert [e.token_id for e in alone] == [e.token_id for e in panes[2]]
 
 
-def test_generate_batches_prompts_like_single_calls(engine):
+def test_generate_batches_prompts_like_single_calls(engine, tol):
+    """The batch-invariance contract: bit-equal where the engine claims it, else within rounding."""
     opts = SamplingOptions(temperature=0.7, max_new_tokens=8, seed=2)
     w = {"help": 1.0, "small": -0.5}
     together = engine.generate(PROMPTS, w, opts)
     for prompt, result in zip(PROMPTS, together):
         alone = engine.generate(prompt, w, opts)
         assert alone.token_ids == result.token_ids
-        assert alone.logprobs_fused == pytest.approx(result.logprobs_fused, abs=TOL)
+        if engine.models.batch_invariant:
+            assert alone.logprobs_fused == result.logprobs_fused
+        else:
+            assert alone.logprobs_fused == pytest.approx(result.logprobs_fused, abs=2.5 * tol, rel=0)
 
 
 def test_eos_by_token_id_and_incremental_text(tiny, tokenizer):

@@ -39,3 +39,23 @@ def test_cli_runs_the_default_profile():
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()
+
+
+def test_default_profile_loads_with_dtype_auto_on_this_cpu():
+    """As the page loads it: dtype auto, forms measured here. It must load and generate on any CPU
+    (AVX2 without native bf16 included), and say what it chose and why."""
+    engine = Engine(load_models(load_config().profile()))
+    r = engine.models.runtime
+    assert r.dtype in ("float32", "bfloat16") and "measured products" in r.dtype_note
+    if r.dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "mkldnn" not in r.forms_used and "oneDNN reports no bf16 support" in r.forms
+    text = engine.generate("Name one fruit.", {"harmlessness": 2.0}, SamplingOptions(max_new_tokens=8)).text
+    assert text.strip()
+
+
+def test_cli_profiles_load_says_how_the_default_profile_runs_here():
+    run = subprocess.run([sys.executable, "-m", "genarm_core", "profiles", "--load"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    for line in ("this machine:", "dtype:", "product forms offered:", "batch invariance:"):
+        assert line in run.stdout

@@ -14,8 +14,9 @@ class Engines:
     """One engine per profile, loaded on first use and shared by all sessions (the engine is
     thread-safe at token granularity). Failures are kept as messages, never raised."""
 
-    def __init__(self, profiles: dict, engine: Engine | None = None):
+    def __init__(self, profiles: dict, engine: Engine | None = None, default: str | None = None):
         self.profiles = profiles
+        self.default = default or (engine.profile.name if engine else next(iter(profiles), None))
         self._loaded: dict[str, tuple[Engine | None, str]] = {}
         self._locks = {name: threading.Lock() for name in profiles}  # one load at a time per profile
         if engine is not None:

@@ -2,6 +2,7 @@
 with functools.partial when the events are wired) and return updates keyed by component."""
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import tempfile
@@ -14,11 +15,12 @@ from pathlib import Path
 import gradio as gr
 
 from genarm_core import Engine, Pane, RequestError
+from genarm_core import request as schema
 from genarm_core.votes import Vote, VoteError, VoteStore
 
 from .engines import Engines
 from .render import completion_record, run_record, sweep_frame
-from .requests import RunRequest, Sampling, check_busy, check_prompt, weights_of
+from .requests import LIMITS, RunRequest, check_busy, sampling_values, slider_weights, to_page
 from .session import PaneView, Session
 
 PANE_KEYS = ("base", "a", "b")
@@ -64,16 +66,21 @@ def final_outputs(ctx: Context, session: Session, views: dict[str, PaneView], be
 
 
 # ---- streaming the panes ----------------------------------------------------------------------
-def _check(ctx: Context, req: RunRequest):
-    """The request's engine, options and weights, all checked (RequestError with the reason)."""
-    eng, note = ctx.engines.get(req.profile)
+def engine_for(ctx: Context, profile) -> Engine:
+    """The engine of an offered profile, or a RequestError that says why not."""
+    eng, note = ctx.engines.get(profile)
     if eng is None:
         raise RequestError(_message(note))
-    options = req.sampling.options(eng)
-    weights = {"base": {}, "a": weights_of(eng, req.weights_a), "b": weights_of(eng, req.weights_b)}
-    check_prompt(req.prompt)
+    return eng
+
+
+def _check(ctx: Context, req: RunRequest):
+    """The request's engine, options and the weights of the panes base, a and b, all checked by
+    the request schema (RequestError with the reason)."""
+    eng = engine_for(ctx, req.profile)
+    r = schema.parse(req.data(eng), eng, LIMITS)
     check_busy(eng)
-    return eng, options, weights
+    return eng, r.options, dict(zip(PANE_KEYS, r.panes))
 
 
 def _start(ctx: Context, session: Session, steered_only: bool, req: RunRequest):
@@ -228,24 +235,46 @@ def live_update(ctx: Context, session: Session, live: bool, profile: str, normal
     try:
         for key, values in (("a", sliders[:n]), ("b", sliders[n:])):
             if key in session.panes:
-                session.panes[key].set_weights(eng.check_weights(weights_of(eng, values), normalised))
+                session.panes[key].set_weights(schema.weights(slider_weights(eng, values), eng, normalised))
     except RequestError as e:
         gr.Warning(str(e))
 
 
 # ---- programs ---------------------------------------------------------------------------------
-def generate_json(ctx: Context, *values) -> dict:
-    """For programs: the panes' results as data (text, token ids, per-token log-probs under the
-    base, each ARM and the fused distribution, rewards, finish reason), not HTML."""
-    req = RunRequest.parse(values, ctx.n_sliders)
+def generate_json(ctx: Context, data: dict) -> dict:
+    """For programs: each pane's answer as data (text, token ids, per-token log-probs under the
+    base, each ARM and the fused distribution, rewards, finish reason), not HTML. `data` holds the
+    request schema's fields (genarm_core/request.py) by name."""
     try:
-        eng, options, weights = _check(ctx, req)
-        keys = ["base", "a"] + (["b"] if req.compare else [])
-        results = eng.generate(req.prompt, [weights[k] for k in keys], options)
+        eng = engine_for(ctx, data.get("profile") or ctx.engines.default)
+        r = schema.parse({**data, "profile": None}, eng, LIMITS)
+        check_busy(eng)
+        results = eng.generate(r.prompt, list(r.panes), r.options)
     except RequestError as e:
         raise gr.Error(str(e)) from None
-    return {"profile": req.profile, "prompt": req.prompt, "options": options.as_dict(),
-            "panes": {k: completion_record(c, weights[k], eng.models.betas) for k, c in zip(keys, results)}}
+    return {"profile": eng.profile.name, "prompt": r.prompt, "options": r.options.as_dict(),
+            "panes": [completion_record(c, w, eng.models.betas) for c, w in zip(results, r.panes)]}
+
+
+JSON_ENDPOINT_DOC = ("Answers as data: per pane the text, token ids, per-token log-probs under the base, each ARM "
+                     "and the fused distribution, the rewards and the finish reason.")
+
+
+def json_endpoint(ctx: Context):
+    """generate_json as the named Gradio API /generate_json: one named, typed parameter per field of
+    the request schema (the prompt is required; the others default to the profile's)."""
+    def endpoint(*values):
+        return generate_json(ctx, dict(zip(schema.NAMES, values)))
+
+    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                **({} if f.name == "prompt" else {"default": None}),
+                                annotation=f.annotation if f.name == "prompt" else f.annotation | None)
+              for f in schema.FIELDS]
+    endpoint.__signature__ = inspect.Signature(params, return_annotation=dict)
+    endpoint.__annotations__ = {p.name: p.annotation for p in params} | {"return": dict}
+    endpoint.__name__ = "generate_json"
+    endpoint.__doc__ = "\n".join([JSON_ENDPOINT_DOC, "", "Args:", *(f"    {f.name}: {f.help}" for f in schema.FIELDS)])
+    return endpoint
 
 
 # ---- the page's other controls ------------------------------------------------------------------
@@ -271,7 +300,7 @@ def change_profile(ctx: Context, session: Session, profile: str) -> dict:
         out[ui.sliders_a[i]] = out[ui.sliders_b[i]] = gr.Slider(**slider_props(eng, i))
     if eng is not None:
         d = eng.profile.defaults
-        out.update({ui.sampling[name]: getattr(d, name) for name in ui.sampling})
+        out.update({ui.sampling[name]: to_page(name, getattr(d, name)) for name in ui.sampling})
     return out
 
 
@@ -295,9 +324,9 @@ def sweep(ctx: Context, profile: str, prompt: str, *values) -> Iterator[dict]:
         yield {ui.sweep_status: note or "This profile has no ARMs to sweep."}
         return
     try:
-        options = Sampling(*sampling).options(eng)
+        options = schema.options(sampling_values(sampling), eng.profile.defaults, LIMITS)
         options = replace(options, max_new_tokens=min(options.max_new_tokens, 64))
-        eng.encode(check_prompt(prompt), options.max_new_tokens)
+        eng.encode(schema.check_prompt(prompt, LIMITS), options.max_new_tokens)
     except RequestError as e:
         gr.Warning(str(e))
         yield {ui.sweep_status: f"**Cannot sweep:** {e}"}

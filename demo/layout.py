@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
 
 from genarm_core import Engine, SamplingOptions
+from genarm_core.request import SAMPLING_NAMES
 from genarm_core.votes import VoteStore
 
 from . import handlers as h
+from . import server
 from .engines import Engines, read_profiles
 from .render import EXAMPLES, HOW_IT_WORKS, LEGEND, tradeoff_assets
-from .requests import MAX_NEW_TOKENS, Sampling
+from .requests import MAX_NEW_TOKENS, MAX_STOP, to_page
 from .session import Session
 
 STREAMS = 32  # streaming requests served at once (the scheduler batches them; see engine.py)
@@ -28,7 +30,7 @@ class Layout:
     profile: gr.Dropdown
     compare: gr.Checkbox
     live: gr.Checkbox
-    sampling: dict  # Sampling field name -> component, in Sampling's order
+    sampling: dict  # SamplingOptions field name -> component, in SamplingOptions' order
     sliders_a: list
     sliders_b: list
     weights_a_title: gr.Markdown
@@ -51,11 +53,10 @@ class Layout:
     sweep_button: gr.Button
     sweep_status: gr.Markdown
     plot: gr.ScatterPlot
-    json_out: gr.JSON
 
     @property
     def run_inputs(self) -> list:
-        """The inputs of /generate, /steer and /generate_json (demo.requests.RunRequest)."""
+        """The inputs of the page's runs (demo.requests.RunRequest)."""
         return [self.profile, self.prompt, self.compare, *self.sampling.values(), *self.sliders_a, *self.sliders_b]
 
     @property
@@ -73,12 +74,18 @@ class App:
     active: weakref.WeakSet  # streams in flight, all sessions
     context: h.Context
 
-    def launch(self, **kwargs):
-        return self.blocks.launch(**kwargs)
+    def launch(self, server_name: str = "127.0.0.1", server_port: int = 7860):
+        """Serves the page and the OpenAI-compatible routes until interrupted."""
+        server.serve(self, server_name, server_port)
+
+    def serve_in_background(self, host: str = "127.0.0.1", port: int = 0) -> server.Running:
+        """The same server on a background thread (tests, scripts): its URL and stop()."""
+        return server.serve_in_background(self, host, port)
 
 
 def _sampling(d) -> dict:
-    """The Sampling accordion, one component per Sampling field."""
+    """The Sampling accordion: one component per SamplingOptions field, keyed in its order (the order
+    of the runs' inputs); a field without a component here fails at start-up."""
     parts = {
         "temperature": gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0 = greedy)"),
         "top_p": gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p"),
@@ -93,9 +100,14 @@ def _sampling(d) -> dict:
                                           label="No-repeat n-gram size (0 = off)",
                                           info="Bans a token that would repeat an n-gram of the context"),
         "min_p": gr.Slider(0.0, 0.5, value=d.min_p, step=0.01, label="Min-p (0 = off)"),
+        "top_k": gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k (0 = off)"),
+        "stop": gr.Textbox(to_page("stop", d.stop), lines=2, max_lines=MAX_STOP,
+                           label=f"Stop strings (one per line, at most {MAX_STOP})",
+                           info="The answer ends before the first of them (not shown)"),
     }
-    assert list(parts) == [f.name for f in fields(Sampling)]  # the endpoints' input order
-    return parts
+    missing = set(SAMPLING_NAMES) - set(parts)
+    assert not missing, f"the Sampling accordion has no component for {sorted(missing)}"
+    return {name: parts[name] for name in SAMPLING_NAMES}
 
 
 def _controls(profiles: dict, default: str, eng: Engine | None, n_sliders: int) -> dict:
@@ -193,28 +205,27 @@ def _page(profiles: dict, default: str, eng: Engine | None, note: str, n_sliders
         gr.Markdown(HOW_IT_WORKS)
     with gr.Tab("Trade-off"):
         parts.update(_tradeoff_tab())
-    parts["json_out"] = gr.JSON(visible=False)
     return Layout(**parts)
 
 
 def _wire(ctx: h.Context):
+    """The page's events (undocumented: the page's own, not an API; hidden from view_api) and the
+    one named API, /generate_json. Every decoding event shares one concurrency group of STREAMS
+    (a group takes the lowest limit of its events, so each one names it)."""
     ui, bind = ctx.ui, partial
-    decode = dict(concurrency_id="decode")
-    private = dict(api_visibility="private")
+    decode = dict(concurrency_id="decode", concurrency_limit=STREAMS)
+    page, private = dict(api_visibility="undocumented"), dict(api_visibility="private")
     fast = dict(concurrency_limit=None, queue=False)
     inputs, outputs = [ui.session, *ui.run_inputs], ui.run_outputs
-    ui.buttons["generate"].click(bind(h.generate, ctx), inputs, outputs, api_name="generate",
-                                 concurrency_limit=STREAMS, **decode)
+    ui.buttons["generate"].click(bind(h.generate, ctx), inputs, outputs, api_name="generate", **page, **decode)
     ui.prompt.submit(bind(h.generate, ctx), inputs, outputs, **private, **decode)
-    ui.buttons["stop"].click(h.stop, ui.session, None, api_name="stop", **fast)
+    ui.buttons["stop"].click(h.stop, ui.session, None, api_name="stop", **page, **fast)
     ui.buttons["regenerate"].click(h.next_seed, ui.sampling["seed"], ui.sampling["seed"], concurrency_limit=None,
                                    **private).then(bind(h.generate, ctx), inputs, outputs, **private, **decode)
-    gr.Button(visible=False).click(bind(h.steer, ctx), inputs, outputs, api_name="steer", **decode)
-    gr.Button(visible=False).click(bind(h.generate_json, ctx), ui.run_inputs, ui.json_out,
-                                   api_name="generate_json", **decode)
+    gr.Button(visible=False).click(bind(h.steer, ctx), inputs, outputs, api_name="steer", **page, **decode)
     live_inputs = [ui.session, ui.live, ui.profile, ui.sampling["normalised"], *ui.sliders_a, *ui.sliders_b]
     gr.Button(visible=False).click(bind(h.live_update, ctx), live_inputs, None, api_name="live_weights",
-                                   api_visibility="undocumented", **fast)
+                                   **page, **fast)
     for slider in [*ui.sliders_a, *ui.sliders_b]:
         slider.release(h.cancel_for_release, [ui.session, ui.live], None, **private, **fast).then(
             bind(h.on_release, ctx), [ui.session, ui.live, *ui.run_inputs], outputs, **private, **decode)
@@ -224,19 +235,20 @@ def _wire(ctx: h.Context):
     ui.profile.change(bind(h.change_profile, ctx), [ui.session, ui.profile],
                       [ui.banner, *ui.sliders_a, *ui.sliders_b, *ui.sampling.values(), *outputs], **private)
     ui.sweep_button.click(bind(h.sweep, ctx), [ui.profile, ui.prompt, *ui.sampling.values(), ui.points],
-                          [ui.plot, ui.sweep_status], api_name="sweep", **decode)
+                          [ui.plot, ui.sweep_status], api_name="sweep", **page, **decode)
     follow = [ui.session, ui.follow_up, *ui.run_inputs]
-    ui.follow_button.click(bind(h.follow_up, ctx), follow, outputs, api_name="follow_up", **decode)
+    ui.follow_button.click(bind(h.follow_up, ctx), follow, outputs, api_name="follow_up", **page, **decode)
     ui.follow_up.submit(bind(h.follow_up, ctx), follow, outputs, **private, **decode)
     ui.vote_button.click(bind(h.vote, ctx), [ui.session, ui.vote_help, ui.vote_harm],
-                         [ui.vote_status, ui.vote_help, ui.vote_harm], api_name="vote", concurrency_limit=None)
+                         [ui.vote_status, ui.vote_help, ui.vote_harm], api_name="vote", concurrency_limit=None, **page)
+    gr.api(h.json_endpoint(ctx), api_name="generate_json", **decode)
 
 
 def build_app(engine: Engine | None = None, config_path=None, votes_path=None) -> App:
     """The demo on the offered profiles of models.yaml (or on one given engine, for tests);
     votes go to votes_path (default: $GENARM_VOTES or ~/.cache/genarm/votes.sqlite)."""
     profiles, default, config_error = read_profiles(engine, config_path)
-    engines = Engines(profiles, engine)
+    engines = Engines(profiles, engine, default)
     first, note = engines.get(default) if default else (None, "")
     n_sliders = max([1, *(len(p.arms) for p in profiles.values())])
     with gr.Blocks(title="GenARM steering demo") as blocks:

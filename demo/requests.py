@@ -1,95 +1,85 @@
-"""What a visitor may ask for, checked on the server before anything is tokenised or decoded:
-every value from a form or an API call is validated here, with a message that names it."""
+"""What a visitor may ask for, checked on the server before anything is tokenised or decoded. The
+checks are the request schema's (genarm_core/request.py) under this server's limits, the same for
+the page, the Gradio API and the OpenAI-compatible routes; this module adds the page's own layout
+of its inputs."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from genarm_core import Engine, RequestError, SamplingOptions
+from genarm_core.request import SAMPLING_NAMES, Limits
 
 MAX_PROMPT_CHARS = 4000
 MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
+MAX_STOP = 4  # stop strings per request
+MAX_CHOICES = 4  # OpenAI's n: independent answers per request
 MAX_WAITING = 16  # prompts waiting for the batch before new requests are told to come back
+LIMITS = Limits(max_new_tokens=MAX_NEW_TOKENS, max_temperature=MAX_TEMPERATURE, max_prompt_chars=MAX_PROMPT_CHARS,
+                max_stop=MAX_STOP, max_panes=3)
 
 
-def number(value, name: str, integer: bool = False):
-    """A number from a form or an API call; a clear RequestError for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise RequestError(f"{name}: expected a finite number, got {value}")
-    if integer:
-        if value != int(value):
-            raise RequestError(f"{name}: expected a whole number, got {value}")
-        return int(value)
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The Sampling accordion's values, in the order of the endpoints' inputs."""
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    normalised: bool
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    min_p: float
-
-    FIELDS = 8
-
-    def options(self, eng: Engine | None) -> SamplingOptions:
-        """The profile's defaults with these values, checked against the demo's limits."""
-        t, top_p = number(self.temperature, "temperature"), number(self.top_p, "top_p")
-        max_new, seed = number(self.max_new_tokens, "max_new_tokens", True), number(self.seed, "seed", True)
-        if not 0 <= t <= MAX_TEMPERATURE:
-            raise RequestError(f"temperature: expected a number in [0, {MAX_TEMPERATURE}], got {t}")
-        if not 1 <= max_new <= MAX_NEW_TOKENS:
-            raise RequestError(f"max_new_tokens: expected a whole number in [1, {MAX_NEW_TOKENS}], got {max_new}")
-        if not isinstance(self.normalised, bool):
-            raise RequestError(f"normalised: expected true or false, got {self.normalised!r}")
-        base = eng.profile.defaults if eng else SamplingOptions()
-        return replace(base, temperature=t, top_p=top_p, max_new_tokens=max_new, seed=seed,
-                       normalised=self.normalised,
-                       repetition_penalty=number(self.repetition_penalty, "repetition_penalty"),
-                       no_repeat_ngram_size=number(self.no_repeat_ngram_size, "no_repeat_ngram_size", True),
-                       min_p=number(self.min_p, "min_p"))
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """The inputs of /generate, /steer and /generate_json: profile, prompt, compare (B pane on),
-    the sampling values, then the weights of pane A and of pane B (one per slider)."""
-    profile: str
-    prompt: str
-    compare: bool
-    sampling: Sampling
-    weights_a: tuple
-    weights_b: tuple
-
-    @classmethod
-    def parse(cls, values: tuple, n_sliders: int) -> "RunRequest":
-        profile, prompt, compare, *rest = values
-        k = Sampling.FIELDS
-        return cls(profile, prompt, bool(compare), Sampling(*rest[:k]), tuple(rest[k:k + n_sliders]),
-                   tuple(rest[k + n_sliders:k + 2 * n_sliders]))
-
-
-def weights_of(eng: Engine, values) -> dict[str, float]:
-    return {a.name: number(v, f"weight of '{a.name}'") for a, v in zip(eng.profile.arms, values)}
-
-
-def check_prompt(prompt) -> str:
-    if not isinstance(prompt, str):
-        raise RequestError(f"prompt: expected text, got {type(prompt).__name__}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt: {len(prompt)} characters; this demo accepts at most {MAX_PROMPT_CHARS}")
-    return prompt
+class Busy(RequestError):
+    """Too many prompts wait for the batch: come back later (HTTP 429)."""
 
 
 def check_busy(eng: Engine):
     waiting = eng.scheduler.waiting
     if waiting >= MAX_WAITING:
-        raise RequestError(f"the demo is busy ({waiting} requests are waiting); please try again in a minute")
+        raise Busy(f"the demo is busy ({waiting} requests are waiting); please try again in a minute")
+
+
+# ---- the page's inputs ------------------------------------------------------------------------
+def from_page(name: str, value):
+    """A Sampling component's value as the schema's: the stop strings are a text, one per line."""
+    if name == "stop":
+        return [line for line in (value or "").splitlines() if line] if isinstance(value, str) else value
+    return value
+
+
+def to_page(name: str, value):
+    return "\n".join(value) if name == "stop" else value
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """The inputs of the page's runs (/generate, /steer, /follow_up): profile, prompt, compare (pane B
+    on), one value per sampling option (SamplingOptions' order), then the sliders of pane A and of
+    pane B (slider i is the profile's ARM i; sliders past its ARMs are hidden and not read)."""
+    profile: str
+    prompt: str
+    compare: bool
+    sampling: dict
+    sliders_a: tuple
+    sliders_b: tuple
+
+    @classmethod
+    def parse(cls, values: tuple, n_sliders: int) -> "RunRequest":
+        profile, prompt, compare, *rest = values
+        k = len(SAMPLING_NAMES)
+        return cls(profile, prompt, bool(compare), sampling_values(rest[:k]), tuple(rest[k:k + n_sliders]),
+                   tuple(rest[k + n_sliders:k + 2 * n_sliders]))
+
+    def data(self, eng: Engine) -> dict:
+        """The request in the schema's terms: the panes base (no weights), A and B."""
+        return {"prompt": self.prompt, **self.sampling,
+                "panes": [{}, slider_weights(eng, self.sliders_a), slider_weights(eng, self.sliders_b)]}
+
+
+def sampling_values(values) -> dict:
+    """The Sampling components' values (in SamplingOptions' order) as the schema's options."""
+    return {name: from_page(name, v) for name, v in zip(SAMPLING_NAMES, values)}
+
+
+def slider_weights(eng: Engine, values) -> dict:
+    return dict(zip(eng.arm_names, values))
+
+
+def run_inputs(profile: str, prompt: str, options: SamplingOptions, weights_a: dict, weights_b: dict | None,
+               arm_names, n_sliders: int) -> tuple:
+    """The page's run inputs for these values, for programs that drive the page itself (tests,
+    benchmarks); programs that want answers use the named API or the OpenAI routes instead."""
+    def sliders(w):
+        return [float((w or {}).get(n, 0.0)) for n in arm_names] + [0.0] * (n_sliders - len(arm_names))
+    sampling = [to_page(n, getattr(options, n)) for n in SAMPLING_NAMES]
+    return (profile, prompt, weights_b is not None, *sampling, *sliders(weights_a), *sliders(weights_b))

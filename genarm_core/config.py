@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError, RequestError
 from .options import SamplingOptions
+from .request import SAMPLING_NAMES, options
 
 BUILTIN_MODELS = {"smollm2-135m-instruct"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models.yaml"
@@ -187,14 +188,10 @@ def _arm(data, where: str, root: Path) -> ArmSpec:
 
 
 def _defaults(data, where: str) -> SamplingOptions:
-    """A profile's sampling defaults: any SamplingOptions field; top_p 0.9 unless given."""
-    names = [f.name for f in fields(SamplingOptions)]
-    f = _Fields(data, where, set(names))
-    kinds = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
-             "no_repeat_ngram_size": int, "max_new_tokens": int, "seed": int, "normalised": bool, "stop": list}
-    given = {n: f.get(n, kinds[n]) for n in names if f.get(n, kinds[n]) is not None}
+    """A profile's sampling defaults: any option of the request schema; top_p 0.9 unless given."""
+    f = _Fields(data, where, set(SAMPLING_NAMES))
     try:
-        return SamplingOptions(**{"top_p": 0.9, **given})
+        return options(f.data, SamplingOptions(top_p=0.9))
     except RequestError as e:
         raise ConfigError(f"{where}.{e}") from None
 

@@ -59,3 +59,19 @@ class SamplingOptions:
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# What each option does, in words: the CLI's --help, the page's and the APIs' descriptions
+# (genarm_core/request.py). Every SamplingOptions field has an entry; the request schema checks it.
+HELP = {
+    "temperature": "0 = greedy; the fused distribution is softmax(score / temperature)",
+    "top_k": "keep the k most likely tokens (0 = off)",
+    "top_p": "nucleus sampling: keep the most likely tokens whose probabilities sum to top_p (1 = off)",
+    "min_p": "keep tokens with p >= min_p * the top token's p (0 = off)",
+    "repetition_penalty": "> 1 pushes down tokens already in the context (1 = off)",
+    "no_repeat_ngram_size": "n bans a token that would repeat an n-gram of the context (0 = off)",
+    "max_new_tokens": "the most tokens of the answer",
+    "seed": "the random draws' seed: the same seed gives the same answer",
+    "normalised": "divide the fused score by 1 + the sum of the weights (constant sharpness)",
+    "stop": "strings that end the answer (not shown)",
+}

@@ -12,11 +12,12 @@ import yaml
 
 from conftest import engine_for
 from genarm_core import SamplingOptions
+from genarm_core.request import SAMPLING_NAMES
 
 from demo import build_app
+from demo.requests import run_inputs
 
 PROMPT = "Tell me about tea."
-NO_RULES = (1.0, 0, 0.0)  # repetition penalty, no-repeat n-gram size, min-p: off
 
 
 def free_port() -> int:
@@ -38,21 +39,28 @@ def pane_text(pane_html: str) -> str:
 
 def args(engine, prompt=PROMPT, wa=None, wb=None, compare=False, temperature=0.0, max_new=16, seed=0,
          normalised=False):
-    """Positional inputs of the generate/steer endpoints (the session State is not an input)."""
-    names = engine.arm_names
-    wa = [wa.get(n, 0.0) for n in names] if wa else [1.0] * len(names)
-    wb = [wb.get(n, 0.0) for n in names] if wb else [0.0] * len(names)
-    return (engine.profile.name, prompt, compare, temperature, 0.9, max_new, seed, normalised, *NO_RULES, *wa, *wb)
+    """Positional inputs of the page's runs (/generate, /steer; the session State is not an input):
+    pane A's weights default to 1 for every ARM, pane B's to 0."""
+    opts = SamplingOptions(temperature=temperature, top_p=0.9, max_new_tokens=max_new, seed=seed, normalised=normalised)
+    wa = wa or {n: 1.0 for n in engine.arm_names}
+    return run_inputs(engine.profile.name, prompt, opts, wa, (wb or {}) if compare else None, engine.arm_names,
+                      len(engine.arm_names))
+
+
+def position(name: str) -> int:
+    """Where a field sits in the page's run inputs: profile, prompt, compare, the sampling options."""
+    return ["profile", "prompt", "compare", *SAMPLING_NAMES].index(name)
 
 
 @pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
+    """The whole server (the page, its named API and the OpenAI routes) on the tiny engine."""
     from gradio_client import Client
 
     demo = build_app(engine, votes_path=tmp_path_factory.mktemp("votes") / "votes.sqlite")
-    url = launch(demo.blocks)
-    yield demo, url, lambda: Client(url, verbose=False)
-    demo.blocks.close()
+    running = demo.serve_in_background()
+    yield demo, running.url, lambda: Client(running.url, verbose=False)
+    running.stop()
 
 
 def expected(engine, prompt, weights_list, max_new=16, seed=0):
@@ -164,7 +172,8 @@ def test_bad_requests_give_clear_messages(served, engine):
 
 def test_sweep_streams_points(served, engine):
     _, _, client = served
-    job = client().submit(engine.profile.name, PROMPT, 0.0, 0.9, 6, 0, False, *NO_RULES, 2, api_name="/sweep")
+    sampling = args(engine, max_new=6)[3:3 + len(SAMPLING_NAMES)]
+    job = client().submit(engine.profile.name, PROMPT, *sampling, 2, api_name="/sweep")
     outputs = list(job)
     assert "4 weight settings" in job.result()[1]
     assert any("Sweeping: " in o[1] for o in outputs)
@@ -196,9 +205,10 @@ def test_missing_adapters_and_unloadable_profiles_give_messages(tiny, tmp_path):
     url = launch(demo.blocks)
     try:
         c = Client(url, verbose=False)
-        out = c.predict("tiny", PROMPT, False, 0.0, 0.9, 4, 0, False, *NO_RULES, 1.0, 0.0, api_name="/generate")
+        opts = SamplingOptions(temperature=0.0, top_p=0.9, max_new_tokens=4)
+        out = c.predict(*run_inputs("tiny", PROMPT, opts, {}, None, [], 1), api_name="/generate")
         assert "Done" in out[6] and pane_text(out[0]) == pane_text(out[1])  # base only: equal panes
-        out = c.predict("hubonly", PROMPT, False, 0.0, 0.9, 4, 0, False, *NO_RULES, 1.0, 0.0, api_name="/generate")
+        out = c.predict(*run_inputs("hubonly", PROMPT, opts, {}, None, [], 1), api_name="/generate")
         assert "cannot be loaded" in out[6]
     finally:
         demo.blocks.close()
@@ -223,47 +233,86 @@ def test_only_the_listed_profiles_are_offered(tiny, tmp_path):
     assert engine is None and "not offered" in note and not demo.engines.loaded("big")
 
 
-@pytest.mark.parametrize("position,value,message", [
-    (6, 2 ** 80, "seed: expected an integer in"),
-    (6, -1, "seed: expected an integer in"),
-    (3, 5.0, "greater than maximum value 2"),  # sliders: Gradio checks their range first
-    (4, 0.0, "less than minimum value 0.05"),
-    (5, 10 ** 6, "greater than maximum value 512"),
-    (1, "x" * 5000, "prompt: 5000 characters; this demo accepts at most 4000"),
-    (11, 99.0, "greater than maximum value 4"),
-    (8, 0.0, "less than minimum value 1"),  # the repetition penalty slider
-    (0, "tulu2-7b-hh", "is not in the list of choices"),  # the profile dropdown's own check
+@pytest.mark.parametrize("field,value,message", [
+    ("seed", 2 ** 80, "seed: expected an integer in"),
+    ("seed", -1, "seed: expected an integer in"),
+    ("temperature", 5.0, "greater than maximum value 2"),  # sliders: Gradio checks their range first
+    ("top_p", 0.0, "less than minimum value 0.05"),
+    ("max_new_tokens", 10 ** 6, "greater than maximum value 512"),
+    ("prompt", "x" * 5000, "prompt: 5000 characters; this server accepts at most 4000"),
+    ("repetition_penalty", 0.0, "less than minimum value 1"),
+    ("top_k", -3, "less than minimum value 0"),
+    ("stop", "a\nb\nc\nd\ne", "stop: expected at most 4 strings on this server"),
+    ("profile", "tulu2-7b-hh", "is not in the list of choices"),  # the profile dropdown's own check
 ])
-def test_out_of_range_api_inputs_get_messages_not_traces(served, engine, position, value, message):
-    """Each endpoint answers a bad input with a message that names it: in the status line
-    (streaming endpoint) or as the call's error (JSON endpoint, and Gradio's own range checks)."""
+def test_out_of_range_page_inputs_get_messages_not_traces(served, engine, field, value, message):
+    """The page's runs answer a bad input with a message that names it: in the status line, or as
+    the call's error (Gradio's own range checks of sliders and dropdowns)."""
     _, _, client = served
     bad = list(args(engine))
-    bad[position] = value
-    for endpoint in ("/generate", "/generate_json"):
-        try:
-            out = client().predict(*bad, api_name=endpoint)
-        except Exception as e:  # gradio_client raises the server's message
-            assert message in str(e) and "Traceback" not in str(e)
-        else:
-            assert endpoint == "/generate" and message in out[6] and "Traceback" not in out[6]
+    bad[position(field)] = value
+    try:
+        out = client().predict(*bad, api_name="/generate")
+    except Exception as e:  # gradio_client raises the server's message
+        assert message in str(e) and "Traceback" not in str(e)
+    else:
+        assert message in out[6] and "Traceback" not in out[6]
 
 
-def test_json_endpoint_equals_engine_generate(served, engine):
+@pytest.mark.parametrize("fields,message", [
+    ({"weights": {"harmlessness": 2}}, "weights: unknown ARM(s) harmlessness; this profile's ARMs: help, harm, small"),
+    ({"weights": {"help": 9.0}}, "weights: weight of 'help': 9.0 is outside its range [-2.0, 4.0]"),
+    ({"weights": [1, 2]}, "weights: expected an object of ARM name to number"),
+    ({"panes": [{}, {"nope": 1}]}, "panes[1]: unknown ARM(s) nope"),
+    ({"weights": {}, "panes": [{}]}, "panes: give either weights (one setting) or panes, not both"),
+    ({"temperature": 5.0}, "temperature: expected a number in [0, 2.0] on this server, got 5.0"),
+    ({"top_p": 0.0}, "top_p: expected a number in (0, 1]"),
+    ({"top_k": -1}, "top_k: expected an integer >= 0"),
+    ({"max_new_tokens": 10 ** 6}, "max_new_tokens: expected a whole number in [1, 512] on this server"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens: expected an integer >= 1, got 2.5"),
+    ({"seed": 2 ** 80}, "seed: expected an integer in"),
+    ({"stop": [1]}, "stop: expected a list of strings"),
+    ({"prompt": "x" * 5000}, "prompt: 5000 characters; this server accepts at most 4000"),
+    ({"prompt": [{"role": "robot", "content": "hi"}]}, "prompt[0].role: expected one of system, user, assistant"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"profile": "tulu2-7b-hh"}, "Profile tulu2-7b-hh is not offered here (offered: tiny)"),
+])
+def test_the_named_api_refuses_bad_fields_by_name(served, fields, message):
+    _, _, client = served
+    with pytest.raises(Exception) as e:
+        client().predict(**{"prompt": PROMPT, "max_new_tokens": 4, **fields}, api_name="/generate_json")
+    assert message in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_the_named_api_takes_keyword_arguments_and_equals_engine_generate(served, engine):
     _, _, client = served
     w = {"help": 1.5, "small": -0.5}
-    got = client().predict(*args(engine, wa=w, temperature=0.8, max_new=10, seed=3), api_name="/generate_json")
+    got = client().predict(prompt=PROMPT, weights=w, temperature=0.8, max_new_tokens=10, seed=3,
+                           api_name="/generate_json")
     opts = SamplingOptions(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=3)
     full = {n: w.get(n, 0.0) for n in engine.arm_names}
-    base, steered = engine.generate(PROMPT, [{}, full], opts)
-    for key, c in (("base", base), ("a", steered)):
-        pane = got["panes"][key]
-        assert pane["text"] == c.text and pane["token_ids"] == c.token_ids
-        assert pane["finish_reason"] == c.finish_reason == "length"
-        assert pane["logprobs"]["fused"] == pytest.approx(c.logprobs_fused, abs=1e-6)
-        assert pane["logprobs"]["arms"]["help"] == pytest.approx(c.logprobs_arms["help"], abs=1e-6)
-        assert pane["rewards"] == pytest.approx(c.rewards(engine.models.betas), abs=1e-5)
-    assert got["options"]["seed"] == 3 and got["panes"]["a"]["weights"] == full
+    (c,) = engine.generate(PROMPT, [full], opts)
+    (pane,) = got["panes"]
+    assert pane["text"] == c.text and pane["token_ids"] == c.token_ids
+    assert pane["finish_reason"] == c.finish_reason == "length"
+    assert pane["logprobs"]["fused"] == pytest.approx(c.logprobs_fused, abs=1e-6)
+    assert pane["logprobs"]["arms"]["help"] == pytest.approx(c.logprobs_arms["help"], abs=1e-6)
+    assert pane["rewards"] == pytest.approx(c.rewards(engine.models.betas), abs=1e-5)
+    assert got["options"]["seed"] == 3 and pane["weights"] == full and got["profile"] == engine.profile.name
+    # panes: several settings in one batch with the same draws, as the page's base and steered panes
+    got = client().predict(prompt=PROMPT, panes=[{}, w], temperature=0.8, max_new_tokens=10, seed=3, top_k=5,
+                           stop=["zz"], api_name="/generate_json")
+    opts = SamplingOptions(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=3, top_k=5, stop=("zz",))
+    assert [p["token_ids"] for p in got["panes"]] == [c.token_ids for c in engine.generate(PROMPT, [{}, full], opts)]
+
+
+def test_view_api_shows_the_named_api_and_not_the_page_s_events(served):
+    _, _, client = served
+    api = client().view_api(print_info=False, return_format="dict")
+    assert list(api["named_endpoints"]) == ["/generate_json"]
+    names = [p["parameter_name"] for p in api["named_endpoints"]["/generate_json"]["parameters"]]
+    assert names == ["prompt", "profile", "weights", "panes", *SAMPLING_NAMES]
+    assert not api["unnamed_endpoints"]
 
 
 def test_eight_users_at_once_get_their_solo_results_and_a_bad_one_its_message(served, engine):
@@ -281,7 +330,9 @@ def test_eight_users_at_once_get_their_solo_results_and_a_bad_one_its_message(se
                                       api_name="/generate")
 
     def run_bad():
-        bad["out"] = client().predict(*args(engine, seed=2 ** 80), api_name="/generate")
+        inputs = list(args(engine))
+        inputs[position("seed")] = 2 ** 80
+        bad["out"] = client().predict(*inputs, api_name="/generate")
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
     threads.insert(4, threading.Thread(target=run_bad))

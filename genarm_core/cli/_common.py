@@ -6,6 +6,7 @@ import math
 
 from ..config import load_config
 from ..errors import CliError
+from ..request import SAMPLING_FIELDS, SAMPLING_NAMES, options
 
 
 def parse_weights(items: list[str]) -> dict[str, float]:
@@ -45,31 +46,23 @@ def read_prompts(args) -> list:
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
+    """--weight NAME=VALUE, and one flag per sampling option of the request schema (request.py)."""
     p.add_argument("--weight", action="append", metavar="NAME=VALUE",
                    help="weight of one ARM (repeat for each); ARMs not named get 0")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: the profile's)")
-    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (1 = off)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--normalised", action="store_true", default=None,
-                   help="divide the fused score by 1 + sum of weights (constant sharpness)")
-    p.add_argument("--min-p", type=float, help="keep tokens with p >= min_p * top p (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 pushes down tokens already in the context")
-    p.add_argument("--no-repeat-ngram-size", type=int, help="ban tokens that would repeat an n-gram (0 = off)")
-
-
-SAMPLING_ARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
-                 "max_new_tokens", "seed", "normalised")
+    for f in SAMPLING_FIELDS:
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.help} (default: the profile's)"
+        if f.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.annotation == list[str]:
+            p.add_argument(flag, action="append", metavar="TEXT", help=f"{f.help} (repeatable)")
+        else:
+            p.add_argument(flag, type=f.annotation, help=text)
 
 
 def sampling_options(args, profile):
-    """The profile's defaults with what the command line sets."""
-    from dataclasses import replace
-
-    given = {name: getattr(args, name) for name in SAMPLING_ARGS if getattr(args, name, None) is not None}
-    return replace(profile.defaults, **given, **({"stop": tuple(args.stop)} if args.stop else {}))
+    """The profile's defaults with what the command line sets, checked by the request schema."""
+    return options({name: getattr(args, name, None) for name in SAMPLING_NAMES}, profile.defaults,
+                   names={n: "--" + n.replace("_", "-") for n in SAMPLING_NAMES})
 
 
 def load_engine(args):

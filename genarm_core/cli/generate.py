@@ -2,6 +2,7 @@
 import json
 import sys
 
+from ..request import weights as checked_weights
 from ._common import add_sampling_args, load_engine, parse_weights, read_prompts, sampling_options
 
 
@@ -19,6 +20,7 @@ def run(args):
     weights = parse_weights(args.weight)
     engine = load_engine(args)
     options = sampling_options(args, engine.profile)
+    weights = checked_weights(weights, engine, options.normalised, "--weight")
     if len(prompts) == 1 and not args.json:  # stream to the terminal
         for step in engine.stream(prompts[0], [weights], options):
             sys.stdout.write(step[0].text)

@@ -96,6 +96,7 @@ def bench_gradio(engine, reps: int, warm_tokens: int, options: SamplingOptions) 
     from gradio_client import Client
 
     from demo import build_demo
+    from demo.requests import run_inputs
 
     demo = build_demo(engine)
     with socket.socket() as s:
@@ -108,9 +109,8 @@ def bench_gradio(engine, reps: int, warm_tokens: int, options: SamplingOptions) 
         client = Client(url, verbose=False)
 
         def inputs(w):
-            return (engine.profile.name, PROMPT, False, options.temperature, options.top_p,
-                    options.max_new_tokens, options.seed, False, options.repetition_penalty,
-                    options.no_repeat_ngram_size, options.min_p, *([w] * n), *([0.0] * n))
+            return run_inputs(engine.profile.name, PROMPT, options, {a: w for a in engine.arm_names}, None,
+                              engine.arm_names, n)
 
         for r in range(reps):
             job = client.submit(*inputs(1.0), api_name="/generate")

@@ -35,6 +35,8 @@ def main():
     args = ap.parse_args()
     from gradio_client import Client
 
+    from demo.requests import run_inputs
+    from genarm_core import SamplingOptions
     from genarm_core.judges import helpfulness_batch
 
     out = Path(args.out)
@@ -59,8 +61,10 @@ def main():
         for i, prompt in enumerate(prompts[:args.prompts]):
             c = Client(f"http://127.0.0.1:{port}/", verbose=False) if i % 10 == 0 else client
             client = c
-            final = c.predict("smollm2-135m", prompt, False, 0.9, 0.95, 64, i, False, 1.0, 3, 0.0,
-                              random.Random(i).choice([1.0, 2.0, 3.0]), 0.0, 0.0, 0.0, api_name="/generate")
+            options = SamplingOptions(temperature=0.9, top_p=0.95, max_new_tokens=64, seed=i, no_repeat_ngram_size=3)
+            weights = {"helpfulness": random.Random(i).choice([1.0, 2.0, 3.0])}
+            final = c.predict(*run_inputs("smollm2-135m", prompt, options, weights, None,
+                                          ["helpfulness", "harmlessness"], 2), api_name="/generate")
             left, right = final[7], final[8]
             h = helpfulness_batch([prompt, prompt], [left, right])
             verdict = "Tie" if abs(h[0] - h[1]) < 0.02 else "Left is better" if h[0] > h[1] else "Right is better"

@@ -1,6 +1,7 @@
 """GenARM demo: steer a language model with autoregressive reward models, token by token.
 
-`python app.py` serves the demo (models.yaml's offered profiles); the page lives in demo/.
+`python app.py` serves the demo (models.yaml's offered profiles) on one port: the page at /, its
+named Gradio API (/generate_json) and the OpenAI-compatible routes under /v1; all live in demo/.
 """
 import os
 

@@ -247,7 +247,7 @@ def generate_json(ctx: Context, data: dict) -> dict:
     request schema's fields (genarm_core/request.py) by name."""
     try:
         eng = engine_for(ctx, data.get("profile") or ctx.engines.default)
-        r = schema.parse({**data, "profile": None}, eng, LIMITS)
+        r = schema.parse(data, eng, LIMITS)
         check_busy(eng)
         results = eng.generate(r.prompt, list(r.panes), r.options)
     except RequestError as e:

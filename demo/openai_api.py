@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from genarm_core import Engine, Pane, RequestError, SamplingOptions, TokenEvent
 from genarm_core import request as schema
@@ -349,7 +350,7 @@ async def _answer(request: Request, route: str):
             body = await request.json()
         except ValueError:
             raise ApiError(400, "body: not valid JSON") from None
-        job = check(ctx, body, route)
+        job = await run_in_threadpool(check, ctx, body, route)  # may load a profile: off the event loop
     except ApiError as e:
         return e.response()
     reply = Reply(job, route, len(job.ids))

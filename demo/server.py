@@ -22,8 +22,12 @@ def build_server(app) -> FastAPI:
     return gr.mount_gradio_app(api, app.blocks, path="/", show_error=False)
 
 
+SHUTDOWN_S = 5  # on stop (SIGTERM, Ctrl-C), open streams get this long before they are cut
+
+
 def _server(app, host: str, port: int) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(build_server(app), host=host, port=port, log_level="warning"))
+    return uvicorn.Server(uvicorn.Config(build_server(app), host=host, port=port, log_level="warning",
+                                         timeout_graceful_shutdown=SHUTDOWN_S))
 
 
 def serve(app, host: str, port: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from .errors import RequestError
 from .options import HELP, SamplingOptions
@@ -24,8 +24,7 @@ _ANNOTATIONS = {float: float, int: int, bool: bool, tuple[str, ...]: list[str]}
 class Field:
     name: str
     annotation: object  # the type a typed API declares: float, int, bool, list[str], ...
-    default: object  # None: required (prompt) or the profile's (all others)
-    help: str
+    help: str  # left out, a field takes the profile's default (the prompt is required)
 
 
 def _sampling_fields() -> tuple[Field, ...]:
@@ -35,20 +34,19 @@ def _sampling_fields() -> tuple[Field, ...]:
         if hints[f.name] not in _ANNOTATIONS or f.name not in HELP:
             raise TypeError(f"SamplingOptions.{f.name}: give it a type the request schema knows "
                             f"({', '.join(map(str, _ANNOTATIONS))}) and a line in options.HELP")
-        out.append(Field(f.name, _ANNOTATIONS[hints[f.name]], f.default if f.default is not MISSING else None,
-                         HELP[f.name]))
+        out.append(Field(f.name, _ANNOTATIONS[hints[f.name]], HELP[f.name]))
     return tuple(out)
 
 
 SAMPLING_FIELDS = _sampling_fields()
 SAMPLING_NAMES = tuple(f.name for f in SAMPLING_FIELDS)
 FIELDS = (
-    Field("prompt", str | list[dict[str, str]], None,
+    Field("prompt", str | list[dict[str, str]],
           "the request: a text, or chat messages [{\"role\": \"user\", \"content\": \"...\"}, ...]"),
-    Field("profile", str, None, "the models.yaml profile (default: the server's default)"),
-    Field("weights", dict[str, float], None, "each ARM's weight, by name, e.g. {\"harmlessness\": 2}; "
+    Field("profile", str, "the models.yaml profile (default: the server's default)"),
+    Field("weights", dict[str, float], "each ARM's weight, by name, e.g. {\"harmlessness\": 2}; "
           "ARMs not named are off (0)"),
-    Field("panes", list[dict[str, float]], None, "several weight settings, decoded together with the same "
+    Field("panes", list[dict[str, float]], "several weight settings, decoded together with the same "
           "random draws (instead of weights), e.g. [{}, {\"harmlessness\": 2}]: the base and one steered"),
     *SAMPLING_FIELDS,
 )

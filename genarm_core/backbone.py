@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ModelLoadError
-from .kernels import CHUNK, Linear, Tuning, attend
+from .kernels import CHUNK, Linear, Plan, Tuning, attend
 from .lora import HEAD, Adapter, LoraGroup
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -87,9 +87,35 @@ def _parts(index: int, names, modules: dict, rows: list) -> list:
     return parts
 
 
-def product_shapes(model, rows: list, vocab_size: int, batched_lora: bool = True) -> set[tuple[int, int]]:
-    """Every (out, in) product a backbone runs: the fused projections (with the folded LoRA A
-    rows), the LoRA B products and the output head."""
+PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+         "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+         "down_proj": "mlp.down_proj"}  # module -> its path in a layer (the parameter names)
+
+
+def group_quant(quant: dict, index: int, names) -> "QuantWeight | None":
+    """The fused projection's weight as blocks, when every module of the group has blocks of one kind."""
+    from .quant import QuantWeight
+
+    parts = [quant.get(f"model.layers.{index}.{PATHS[n]}.weight") for n in names]
+    if any(p is None for p in parts) or len({p.kind for p in parts}) != 1:
+        return None
+    return parts[0] if len(parts) == 1 else QuantWeight.cat(parts)
+
+
+def head_quant(model, quant: dict, vocab_size: int) -> "QuantWeight | None":
+    """The output head as blocks: lm_head's own, or the embedding's when the two are tied."""
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    q = quant.get("lm_head.weight") or (quant.get("model.embed_tokens.weight") if tied else None)
+    return None if q is None or q.shape[0] < vocab_size else q.rows(slice(0, vocab_size))
+
+
+def product_shapes(model, rows: list, vocab_size: int, batched_lora: bool = True, quant: dict | None = None
+                   ) -> set[tuple[int, int]]:
+    """Every (out, in) product a backbone runs in a measured form: the fused projections (with
+    the folded LoRA A rows), the LoRA B products and the output head; products on blocks
+    (quant) need no measuring."""
+    quant = quant or {}
     shapes = set()
     for i, layer in enumerate(model.model.layers):
         modules = _modules(layer)
@@ -97,12 +123,14 @@ def product_shapes(model, rows: list, vocab_size: int, batched_lora: bool = True
             out = sum(modules[n].weight.shape[0] for n in names)
             d_in = modules[names[0]].weight.shape[1]
             K = sum(a.shape[0] for _, a, _, _ in _parts(i, names, modules, rows))
-            shapes.add((out + K if batched_lora else out, d_in))
+            if group_quant(quant, i, names) is None:
+                shapes.add((out + K if batched_lora else out, d_in))
             if K:
                 shapes.add((out, K))
     head = model.get_output_embeddings().weight
     K = sum(a.weights[(HEAD, "lm_head")][0].shape[0] for a in rows if a is not None and (HEAD, "lm_head") in a.weights)
-    shapes.add((vocab_size, head.shape[1]))
+    if head_quant(model, quant, vocab_size) is None:
+        shapes.add((vocab_size, head.shape[1]))
     if K:
         shapes.add((vocab_size, K))
     return shapes
@@ -121,7 +149,7 @@ def _check_saved_base(adapter: Adapter, weights: dict[str, torch.Tensor]):
 
 
 class _Layer:
-    def __init__(self, layer, index: int, tuning: Tuning, rows: list, options: "RunOptions"):
+    def __init__(self, layer, index: int, tuning: Tuning, rows: list, options: "RunOptions", quant: dict):
         att, mlp = layer.self_attn, layer.mlp
         self.index, self.layer = index, layer
         self.device = att.q_proj.weight.device
@@ -144,7 +172,9 @@ class _Layer:
             width = sum(modules[n].weight.shape[0] for n in names)
             lora = LoraGroup(parts, len(rows), width, dtype, self.device, make, options.batched_lora) if parts else None
             folded = lora.A_rows if lora is not None and options.batched_lora else None
-            self.products[group] = make(*_fuse([modules[n] for n in names], folded))
+            weight, bias = _fuse([modules[n] for n in names], folded)
+            blocks = group_quant(quant, index, names)
+            self.products[group] = Linear(weight, bias, Plan(), quant=blocks) if blocks else make(weight, bias)
             self.widths[group] = width
             if lora is not None:
                 self.lora[group] = lora
@@ -183,9 +213,11 @@ class Backbone:
     """A model and the row models run on it (None = the plain weights, else a LoRA Adapter)."""
 
     def __init__(self, model, rows: list[Adapter | None], vocab_size: int, tuner,
-                 options: RunOptions = RunOptions(), name: str = "base"):
+                 options: RunOptions = RunOptions(), name: str = "base", quant: dict | None = None):
         """tuner(shapes, (heads, kv heads, head dim)) -> kernels.Tuning for this backbone's products
-        (product_shapes) and attention."""
+        (product_shapes) and attention. quant: weights also held as GGUF blocks (quant.py), by
+        parameter name; the projections and head they cover run on the blocks."""
+        quant = quant or {}
         check_supported(model, name)
         self.model, self.name, self.options = model, name, options
         self.M = len(rows)
@@ -200,16 +232,16 @@ class Backbone:
         self.kv_heads = config.num_key_value_heads
         self.heads = config.num_attention_heads
         self.head_dim = inner.layers[0].self_attn.head_dim
-        tuning = tuner(product_shapes(model, rows, vocab_size, options.batched_lora),
+        tuning = tuner(product_shapes(model, rows, vocab_size, options.batched_lora, quant),
                        (config.num_attention_heads, config.num_key_value_heads, inner.layers[0].self_attn.head_dim))
         self.invariant = options.invariant and tuning.invariant  # rows independent of the batch
         self.invariance = tuning.invariance() if options.invariant else "off in the profile (engine.batch_invariant)"
         self.attention_plan = tuning.attention
-        self.forms_used = sorted({f for p in [*tuning.linear.values(), tuning.attention] for f in p.used})
+        self.forms_used = sorted({f for p in [*tuning.linear.values(), tuning.attention] for f in p.used})  # + blocks below
         dtype = inner.embed_tokens.weight.dtype
         # on a CPU attention runs in float32 (see kernels.py); elsewhere in the model's dtype
         self.cache_dtype = torch.float32 if self.device_type(inner) == "cpu" else dtype
-        self.layers = [_Layer(layer, i, tuning, rows, options) for i, layer in enumerate(inner.layers)]
+        self.layers = [_Layer(layer, i, tuning, rows, options, quant) for i, layer in enumerate(inner.layers)]
         make = lambda w: Linear(w, None, tuning.plan(*w.shape), self.invariant)  # noqa: E731
         head = model.get_output_embeddings().weight
         for adapter in adapters:
@@ -217,7 +249,10 @@ class Backbone:
         if head.shape[0] < vocab_size:
             raise ModelLoadError(f"{name}: the model's output has {head.shape[0]} logits but the tokenizer "
                                  f"has {vocab_size} tokens")
-        self.head = make(head[:vocab_size])
+        blocks = head_quant(model, quant, vocab_size)
+        self.head = Linear(head[:vocab_size], None, Plan(), quant=blocks) if blocks else make(head[:vocab_size])
+        self.quantized = sorted({q.kind for q in quant.values()}) if quant else []
+        self.weights_note = ""  # how the weights are held (models.quant_weights), for the runtime report
         self.head_device = head.device
         head_parts = [(j, a.weights[(HEAD, "lm_head")][0], a.weights[(HEAD, "lm_head")][1][:vocab_size], 0)
                       for j, a in enumerate(rows) if a is not None and (HEAD, "lm_head") in a.weights]

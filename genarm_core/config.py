@@ -52,6 +52,9 @@ class ArmSpec:
     description: str = ""
 
 
+WEIGHTS = ("auto", "dense", "int4", "int8")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs a profile; every switch exists to measure its effect (bench_decode.py)."""
@@ -60,6 +63,7 @@ class EngineOptions:
     forms: str = "auto"  # auto: the product forms measured fastest on this machine; plain: F.linear
     batch_invariant: bool = True  # where the machine has batch-invariant forms, use only those
     max_rows: int | None = None  # model rows decoded at once (None: 64 on CPU, 512 on GPU)
+    weights: str = "auto"  # dense | int4 (Q4_1 layers, Q8_0 head) | int8 (Q8_0) | auto: measured (models.py)
 
 
 @dataclass(frozen=True)
@@ -197,15 +201,19 @@ def _defaults(data, where: str) -> SamplingOptions:
 
 
 def _engine(data, where: str) -> EngineOptions:
-    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows"})
+    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows", "weights"})
     forms = f.get("forms", str, "auto")
     if forms not in ("auto", "plain"):
         raise ConfigError(f"{where}.forms: expected auto or plain, got '{forms}'")
+    weights = f.get("weights", str, "auto")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"{where}.weights: expected one of {', '.join(WEIGHTS)}, got '{weights}'")
     max_rows = f.get("max_rows", int)
     if max_rows is not None and max_rows < 1:
         raise ConfigError(f"{where}.max_rows: expected an integer >= 1, got {max_rows}")
     return EngineOptions(shared_trunk=f.get("shared_trunk", bool, True), batched_lora=f.get("batched_lora", bool, True),
-                         forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows)
+                         forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows,
+                         weights=weights)
 
 
 def _chat_template(f: _Fields, where: str) -> bool | str:

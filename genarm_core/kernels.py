@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # rows per product
 COLD_BYTES = 96 << 20  # weights cycled through while timing, more than a CPU cache holds
-TUNING_VERSION = 5  # bump when the candidate forms change, so cached measurements are redone
+TUNING_VERSION = 6  # bump when the candidate forms change, so cached measurements are redone
 
 
 def mkldnn_available(device) -> bool:
@@ -57,8 +57,20 @@ class Capabilities:
         return out
 
 
+def _native():
+    from . import native
+
+    return native.load(log_stderr)
+
+
 def _library_refuses(form: str, dtype) -> str:
     """Why the library itself says this form cannot run here ("" when it says it can)."""
+    if form == "native":
+        from . import native
+
+        if dtype != torch.float32:
+            return "the native kernels take float32"
+        return "" if _native() is not None else native.why_not()
     if form != "mkldnn":
         return ""
     if not mkldnn_available("cpu"):
@@ -92,8 +104,8 @@ _CAPABILITIES: dict[tuple[str, torch.dtype], Capabilities] = {}
 
 
 def capabilities(device, dtype) -> Capabilities:
-    """Candidate forms of y = x W^T (+ b) on this device in this dtype: F.linear, (W @ x^T)^T and
-    oneDNN prepacked weights. A form is a candidate only when the library says it is supported
+    """Candidate forms of y = x W^T (+ b) on this device in this dtype: F.linear, (W @ x^T)^T,
+    oneDNN prepacked weights and the project's own kernels (native.py). A form is a candidate only when the library says it is supported
     and a probe on a tiny input runs and gives the right numbers; a dropped form is logged once."""
     device_type = torch.device(device).type
     key = (device_type, dtype)
@@ -103,7 +115,7 @@ def capabilities(device, dtype) -> Capabilities:
         caps = Capabilities(device_type, dtype, ("linear",))  # cuBLAS and friends need no help
     else:
         forms, dropped = [], []
-        for form in ("linear", "wt", "mkldnn"):
+        for form in ("linear", "wt", "mkldnn", "native"):
             why = _library_refuses(form, dtype) or _probe(form, dtype)
             if why:
                 dropped.append((form, why))
@@ -126,6 +138,7 @@ class Plan:
     forms: dict[int, str] = field(default_factory=lambda: {BUCKETS[-1]: "linear"})
     times_us: dict[int, dict[str, float]] = field(default_factory=dict)  # measured, for the record
     invariant: str | None = None
+    one_row: bool = False  # the invariant form gives a single row the same bits as in a batch
 
     def form(self, rows: int, invariant: bool = False) -> str:
         if invariant:
@@ -143,22 +156,40 @@ class Plan:
 class Linear:
     """y = x W^T + b with the weight kept in the form(s) its plan uses. Rows beyond the largest
     bucket (a prefill, which runs alone) use F.linear, which is fast for many rows. invariant:
-    one batch-invariant form at every row count, one row run as two."""
+    one batch-invariant form at every row count (one row run as two unless the form gives it the
+    same bits alone). quant: the weight's leading rows also as GGUF blocks (quant.py), whose
+    products (native.py) are batch-invariant at any row count; the rows after them (LoRA A rows
+    folded into the weight) then run with the native float32 kernel."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan, invariant: bool = False):
-        self.weight, self.bias, self.plan = weight, bias, plan
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan, invariant: bool = False,
+                 quant=None):
+        self.weight, self.bias, self.plan, self.quant = weight, bias, plan, quant
         self.out_features, self.in_features = weight.shape
-        self.invariant = invariant and plan.invariant is not None
-        self.packed = pack(weight) if "mkldnn" in plan.used else None
+        self.invariant = quant is not None or (invariant and plan.invariant is not None)
+        self.packed = pack(weight) if quant is None and "mkldnn" in plan.used else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > BUCKETS[-1]:
             return F.linear(x, self.weight, self.bias)
-        if self.invariant and rows == 1:
+        if self.quant is not None:
+            return self._blocks(x)
+        if self.invariant and rows == 1 and not self.plan.one_row:
             return apply_form(self.plan.invariant, x.expand(2, *x.shape[1:]), self.weight, self.bias,
                               self.packed)[:1]
         return apply_form(self.plan.form(rows, self.invariant), x, self.weight, self.bias, self.packed)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        native = _native()
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        n = self.quant.shape[0]
+        self.quant.product(native, x2, y[:, :n])
+        if n < self.out_features:
+            native.mm_f32(x2, self.weight[n:], None, y[:, n:])
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -174,6 +205,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def apply_form(form: str, x, weight, bias=None, packed=None) -> torch.Tensor:
+    if form == "native":
+        y = _native().mm_f32(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if form == "mkldnn":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if form == "wt":
@@ -266,6 +300,7 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
     plan = Plan({})
     xs = torch.randn(max(buckets[-1], 2), in_f, dtype=dtype, device=device)
     row0 = {form: apply_form(form, xs[:2], weights[0], None, packed[0])[:1] for form in forms}
+    one_row = {f for f in forms if torch.equal(apply_form(f, xs[:1], weights[0], None, packed[0]), row0[f])}
     invariant = set(forms)
     for b in buckets:
         x = xs[:b]
@@ -282,7 +317,25 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
     total = lambda f: sum(t[f] for t in plan.times_us.values())  # noqa: E731
     plan.invariant = min(invariant, key=total) if invariant else None
+    plan.one_row = plan.invariant in one_row
     return plan
+
+
+def measure_blocks(out_f: int, in_f: int, kind: str, buckets=BUCKETS, passes: int = 3) -> dict[int, float]:
+    """Microseconds per product on random GGUF blocks of this shape (quant.py), per row bucket."""
+    from .quant import quantize
+
+    native = _native()
+    size = out_f * in_f // 32 * (24 if kind == "q4_1" else 36)
+    copies = max(2, min(32, COLD_BYTES // size))
+    weights = [quantize(torch.randn(out_f, in_f) * 0.02, kind) for _ in range(copies)]
+    xs = torch.randn(buckets[-1], in_f)
+    times = {}
+    for b in buckets:
+        run = lambda: [w.product(native, xs[:b]) for w in weights]  # noqa: E731
+        run()
+        times[b] = round(_timed(run, passes) / copies * 1e6, 1)
+    return times
 
 
 def measure_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, context: int = 256,
@@ -407,12 +460,12 @@ def tune(shapes, attention: tuple[int, int, int], dtype, device, cache_dir: Path
 
 
 def _plan_json(p: Plan) -> dict:
-    return {"forms": p.forms, "times_us": p.times_us, "invariant": p.invariant}
+    return {"forms": p.forms, "times_us": p.times_us, "invariant": p.invariant, "one_row": p.one_row}
 
 
 def _plan(d: dict) -> Plan:
     return Plan({int(b): f for b, f in d["forms"].items()}, {int(b): dict(v) for b, v in d["times_us"].items()},
-                d.get("invariant"))
+                d.get("invariant"), d.get("one_row", False))
 
 
 def log_stderr(msg: str):

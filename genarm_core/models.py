@@ -259,6 +259,7 @@ class Runtime:
     dtype_note: str
     forms: str
     forms_used: tuple[str, ...]
+    weights: str
     invariant: bool
     invariance: str
     fallbacks: tuple[str, ...] = ()
@@ -267,6 +268,7 @@ class Runtime:
         out = [f"device: {self.device}" + (f" ({self.cpu})" if self.cpu else ""),
                f"dtype: {self.dtype}" + (f" ({self.dtype_note})" if self.dtype_note else ""),
                f"product forms offered: {self.forms}; used: {', '.join(self.forms_used)}",
+               f"weights: {self.weights}",
                f"batch invariance: {'yes' if self.invariant else 'no'}: {self.invariance}"]
         return out + [f"fallback: {f}" for f in self.fallbacks]
 
@@ -278,7 +280,8 @@ def runtime_of(backbones, device: str, dtype: torch.dtype, note: str, fallbacks:
     invariances = {bb.invariance for bb in backbones}
     return Runtime(device=device, cpu=cpu, dtype=str(dtype).replace("torch.", ""), dtype_note=note,
                    forms=capabilities(device, dtype).describe(),
-                   forms_used=tuple(sorted({f for bb in backbones for f in bb.forms_used})),
+                   forms_used=tuple(sorted({f for bb in backbones for f in bb.forms_used + bb.quantized})),
+                   weights="; ".join(dict.fromkeys(bb.weights_note or "dense" for bb in backbones)),
                    invariant=all(bb.invariant for bb in backbones), invariance="; ".join(sorted(invariances)),
                    fallbacks=tuple(fallbacks))
 
@@ -351,27 +354,38 @@ def _tuning(shapes, attention, dtype, device, forms: str, max_rows):
     return tune(shapes, attention, dtype, device, tuning_dir(), max_rows, log=log_stderr)
 
 
-def cpu_dtype(shape_sets, attention, trunk: int, layers: int, rows: int, options, max_rows) -> tuple[torch.dtype, str]:
-    """dtype auto on a CPU: float32 or bfloat16, whichever the measured products make faster for
-    one guided step (trunk layers at 1 row, the others and the head at `rows` rows)."""
+def cpu_mode(shape_sets, attention, trunk: int, layers: int, rows: int, options, max_rows, dtypes, blocks: bool
+             ) -> tuple[torch.dtype, str, str]:
+    """dtype (and weights) auto on a CPU: float32 or bfloat16 dense weights, or float32 on the
+    file's own GGUF blocks (blocks=True), whichever the measured products make fastest for one
+    guided step (trunk layers at 1 row, the others and the head at `rows` rows)."""
+    from .kernels import log_stderr, measure_blocks
+
     estimates = {}
     layer, head = shape_sets[0]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         try:
             tuning = _tuning({*layer, head}, attention, dtype, "cpu", options.forms, max_rows)
         except GenarmError:
             raise
         except (RuntimeError, NotImplementedError) as e:  # a dtype this CPU cannot measure is not picked
-            from .kernels import log_stderr
             log_stderr(f"cannot measure {dtype} products here ({type(e).__name__}: {e}); not using it")
             continue
-        estimates[dtype] = (tuning.step_us(layer, 1) * trunk + tuning.step_us(layer, rows) * (layers - trunk)
-                            + tuning.step_us({head: 1}, rows)) / 1e3
-    if torch.float32 not in estimates or any(math.isnan(v) for v in estimates.values()):
-        return torch.float32, "float32 (products not measured)"
+        estimates[(dtype, "dense")] = (tuning.step_us(layer, 1) * trunk + tuning.step_us(layer, rows) * (layers - trunk)
+                                       + tuning.step_us({head: 1}, rows)) / 1e3
+    if blocks:
+        buckets = (1, rows)
+        t = {shape: measure_blocks(*shape, "q4_1", buckets) for shape in layer}
+        t_head = measure_blocks(*head, "q8_0", buckets)
+        estimates[(torch.float32, "int4")] = (sum(n * t[s][1] for s, n in layer.items()) * trunk
+                                              + sum(n * t[s][rows] for s, n in layer.items()) * (layers - trunk)
+                                              + t_head[rows]) / 1e3
+    if not estimates or any(math.isnan(v) for v in estimates.values()):
+        return dtypes[0], "dense", f"{str(dtypes[0]).replace('torch.', '')} (products not measured)"
     best = min(estimates, key=estimates.get)
-    note = ", ".join(f"{str(k).replace('torch.', '')} {v:.1f} ms" for k, v in estimates.items())
-    return best, f"{str(best).replace('torch.', '')}: measured products of one guided step: {note}"
+    name = lambda k: str(k[0]).replace("torch.", "") + (" on GGUF blocks" if k[1] != "dense" else "")  # noqa: E731
+    note = ", ".join(f"{name(k)} {v:.1f} ms" for k, v in estimates.items())
+    return best[0], best[1], f"measured products of one guided step: {note}"
 
 
 def load_models(profile: Profile) -> LoadedModels:
@@ -412,11 +426,12 @@ def _load_models(profile: Profile) -> LoadedModels:
             betas[arm.name] = arm.beta if arm.beta is not None else float(metadata[arm.name].get("beta", 1.0))
     options = profile.engine
     max_rows = options.max_rows or (64 if device == "cpu" else 512)
-    dtype, note = _dtype(profile, device, configs[None], [adapters[a.name] for a in groups[None]], vocab, max_rows)
+    dtype, weights, note = _mode(profile, device, configs[None], [adapters[a.name] for a in groups[None]], vocab,
+                                 max_rows, file_blocks_usable(profile.base))
     fallbacks = []
     try:
         backbones, row_names = _backbones(profile, groups, adapters, device, dtype, max_rows, options.forms,
-                                          vocab, base_fp)
+                                          vocab, base_fp, weights)
     except GenarmError:
         raise
     except (RuntimeError, NotImplementedError) as e:  # an optimisation failed here: the plain path instead
@@ -427,7 +442,7 @@ def _load_models(profile: Profile) -> LoadedModels:
         from .kernels import log_stderr
         log_stderr(fallbacks[-1])
         backbones, row_names = _backbones(profile, groups, adapters, device, dtype, max_rows, "plain", vocab,
-                                          base_fp)
+                                          base_fp, "dense")
     context = min(getattr(bb.model.config.get_text_config(), "max_position_embeddings", None) or 2048
                   for bb in backbones)
     base_model = backbones[0].model
@@ -438,8 +453,9 @@ def _load_models(profile: Profile) -> LoadedModels:
                         runtime=runtime_of(backbones, device, dtype, note, fallbacks))
 
 
-def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, forms, vocab, base_fp):
-    """The base backbone (base + its LoRA ARMs as rows) and one per standalone ARM backbone."""
+def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, forms, vocab, base_fp, weights):
+    """The base backbone (base + its LoRA ARMs as rows) and one per standalone ARM backbone;
+    weights: dense, or held as GGUF blocks too (quant_weights)."""
     from .backbone import Backbone, RunOptions
 
     options = profile.engine
@@ -449,7 +465,9 @@ def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, form
     what = f"profile '{profile.name}' base"
     _, base_model = load_source(profile.base, what, device, dtype)
     base_rows = [None, *(adapters[a.name] for a in groups[None])]
-    backbones = [Backbone(base_model, base_rows, vocab, tuner, run, name="base")]
+    quant, how = quant_weights(base_model, profile.base, weights, what)
+    backbones = [Backbone(base_model, base_rows, vocab, tuner, run, name="base", quant=quant)]
+    backbones[0].weights_note = how
     row_names = [["base", *(a.name for a in groups[None])]]
     for key, arms in groups.items():
         if key is None:
@@ -457,19 +475,89 @@ def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, form
         arm_tok, model = load_source(arms[0].model, f"ARM '{arms[0].name}'", device, dtype)
         for arm in arms:
             _check_tokenizer(arm, arm_tok, base_fp, profile.base.describe())
-        backbones.append(Backbone(model, [adapters[a.name] for a in arms], vocab, tuner, run, name=f"ARM backbone {key}"))
+        quant, how = quant_weights(model, arms[0].model, weights, f"ARM '{arms[0].name}'")
+        backbones.append(Backbone(model, [adapters[a.name] for a in arms], vocab, tuner, run, name=f"ARM backbone {key}",
+                                  quant=quant))
+        backbones[-1].weights_note = how
         row_names.append([a.name for a in arms])
     return backbones, row_names
 
 
-def _dtype(profile: Profile, device: str, base_config, lora: list, vocab: int, max_rows: int):
-    """The profile's dtype, or for `auto` on a CPU the one measured faster (cpu_dtype)."""
-    if profile.dtype != "auto":
-        return getattr(torch, profile.dtype), ""
+def _mode(profile: Profile, device: str, base_config, lora: list, vocab: int, max_rows: int, blocks: bool):
+    """(dtype, weights, why): the profile's, or for `auto` on a CPU the fastest measured (cpu_mode).
+    Weights on GGUF blocks run float32 activations and are CPU-only (native.py)."""
+    weights = profile.engine.weights
+    if weights in ("int4", "int8"):
+        if device != "cpu":
+            raise ModelLoadError(f"profile '{profile.name}': engine.weights {weights} runs on a CPU only "
+                                 f"(the device here is {device}); use weights: dense or auto")
+        if profile.dtype not in ("auto", "float32"):
+            raise ModelLoadError(f"profile '{profile.name}': engine.weights {weights} computes in float32; "
+                                 f"dtype {profile.dtype} does not go with it (use float32 or auto)")
+        from . import native
+        if native.load() is None:
+            raise ModelLoadError(f"profile '{profile.name}': engine.weights {weights} needs the native kernels, "
+                                 f"which are {native.why_not()}; use weights: dense or auto")
+        return torch.float32, weights, f"float32, weights {weights} (the profile's choice)"
+    fixed = profile.dtype != "auto"
     if device != "cpu" or profile.engine.forms != "auto":
-        return resolve_device_dtype(device, "auto")[1], ""
+        dtype = getattr(torch, profile.dtype) if fixed else resolve_device_dtype(device, "auto")[1]
+        return dtype, "dense", ""
+    dtypes = [getattr(torch, profile.dtype)] if fixed else [torch.float32, torch.bfloat16]
     layer_shapes, attention, n_layers = model_shapes(base_config, vocab)
     head = (vocab, base_config.get_text_config().hidden_size)
     trunk = min((a.first_layer for a in lora), default=n_layers) if profile.engine.shared_trunk else 0
-    return cpu_dtype([(layer_shapes, head)], attention, trunk if lora else n_layers, n_layers, 1 + len(lora),
-                     profile.engine, max_rows)
+    blocks = blocks and weights == "auto" and torch.float32 in dtypes
+    if fixed and not blocks:
+        return dtypes[0], "dense", ""
+    return cpu_mode([(layer_shapes, head)], attention, trunk if lora else n_layers, n_layers, 1 + len(lora),
+                    profile.engine, max_rows, dtypes, blocks)
+
+
+def gguf_file_of(source: ModelSource) -> Path | None:
+    """The GGUF file a model is read from on this machine (None: it is not read from one)."""
+    if source.builtin:
+        try:
+            return smollm2_gguf_path()
+        except ModelLoadError:
+            return None  # read from the hub's safetensors instead
+    if source.path and source.gguf_file:
+        return Path(source.path) / source.gguf_file
+    return None
+
+
+def file_blocks_usable(source: ModelSource) -> bool:
+    """Whether the model's own GGUF blocks can serve the products here (native kernels built)."""
+    from .kernels import capabilities
+
+    return gguf_file_of(source) is not None and "native" in capabilities("cpu", torch.float32).forms
+
+
+def quant_weights(model, source: ModelSource, mode: str, what: str) -> tuple[dict, str]:
+    """The weights to hold as GGUF blocks, by parameter name, and what they are. int4: the file's
+    own Q4_1 / Q8_0 blocks where it has them, checked equal to the dense weights it was read into
+    (else quantized here: Q4_1 projections, Q8_0 head, which changes the model); int8: Q8_0."""
+    from .backbone import PATHS
+    from .quant import quantize, read_gguf
+
+    if mode == "dense":
+        return {}, ""
+    config = model.config.get_text_config()
+    params = dict(model.named_parameters())
+    head = model.get_output_embeddings().weight
+    if "lm_head.weight" not in params:
+        params["lm_head.weight"] = head
+    file = gguf_file_of(source)
+    if mode == "int4" and file is not None:
+        blocks = read_gguf(file, config.num_attention_heads, config.num_key_value_heads)
+        wrong = [n for n, q in blocks.items() if n not in params or not torch.equal(q.dequantize(), params[n].data)]
+        if not wrong:
+            return blocks, f"int4: {file.name}'s own blocks ({', '.join(sorted({q.kind for q in blocks.values()}))}), equal to its dense weights"
+        from .kernels import log_stderr
+        log_stderr(f"{what}: {len(wrong)} tensors of {file.name} differ from the loaded weights (e.g. {wrong[0]}); "
+                   "quantizing the loaded weights instead")
+    names = [f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in PATHS.values()]
+    kinds = {n: ("q4_1" if mode == "int4" else "q8_0") for n in names}
+    kinds["lm_head.weight"] = "q8_0"
+    blocks = {n: quantize(params[n].data, k) for n, k in kinds.items() if params[n].shape[1] % 32 == 0}
+    return blocks, f"{mode}: quantized here from the dense weights ({', '.join(sorted(set(kinds.values())))}; this changes the model)"

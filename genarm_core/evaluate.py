@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from .engine import Engine, SamplingOptions
 from .judges import LOOP_BELOW
+from .read_judge import HOLDING
 
 
 def weight_grid(names: list[str], values) -> list[dict[str, float]]:
@@ -93,6 +94,17 @@ def judge_records(records: list[dict]) -> list[dict]:
     return [{**r, **j} for r, j in zip(records, judged)]
 
 
+def read_judge_records(records: list[dict], cache=None) -> list[dict]:
+    """The records with the read judge's label added as "read_label" (genarm_core/read_judge.py:
+    holds / safe_redirection / declines_then_complies / complies). cache: a .pt file for the
+    features (SmolLM2 reads each answer once, about 0.5 s on 2 CPU cores)."""
+    from .read_judge import cached_features, head_probs, labels_from_probs, load_head
+
+    x = cached_features([r["prompt"] for r in records], [r["text"] for r in records], cache)
+    labels = labels_from_probs(head_probs(load_head(), x))
+    return [{**r, "read_label": lab} for r, lab in zip(records, labels)]
+
+
 def merge_records(saved: list[dict], new: list[dict]) -> list[dict]:
     """Saved answers plus new ones (more seeds, another baseline); a (setting, seed) decoded again
     replaces the saved answers of that setting and seed."""
@@ -150,6 +162,10 @@ def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
             "refusal_benign": lambda rs: _mean([float(r["refusal"]) for r in rs if r["family"] == "benign"]),
             "tokens": lambda rs: _mean([r["tokens"] for r in rs]),
             "loops": lambda rs: _mean([float(r["repetition"] < LOOP_BELOW) for r in rs if "repetition" in r]),
+            "holds_harmful": lambda rs: _mean([float(r["read_label"] in HOLDING) for r in rs
+                                               if r["family"] == "harmful" and "read_label" in r]),
+            "declines_benign": lambda rs: _mean([float(r["read_label"] != "complies") for r in rs
+                                                 if r["family"] == "benign" and "read_label" in r]),
         }
         for arm in (w or {}):
             metrics[f"reward_{arm}"] = lambda rs, n=arm: _mean([r["rewards"][n] for r in rs])
@@ -250,6 +266,10 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str],
     return labels
 
 
+def _known(x) -> bool:
+    return x is not None and x == x  # NaN: a metric the records do not have
+
+
 def _percent(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.0f}%"
 
@@ -259,10 +279,14 @@ def _gain(g: dict | None) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
+    """The trade-off table; when the records were read by the read judge, two more columns:
+    declined and held (harmful) and declined at all (benign), by that judge."""
     names = list(next(s["weights"] for s in summary if s.get("weights") is not None))
+    read = any(_known(s.get("holds_harmful")) for s in summary)
     head = ("| " + " | ".join(names) + " | helpfulness | harmlessness | helpfulness (benign) | "
-            "benign helpfulness vs base [95% CI] | refusals (harmful) | refusals (benign) | loops |")
-    lines = [head, "|" + "---|" * (len(names) + 7)]
+            "benign helpfulness vs base [95% CI] | refusals (harmful) | refusals (benign) | loops |"
+            + (" holds (harmful), read judge | declines (benign), read judge |" if read else ""))
+    lines = [head, "|" + "---|" * (len(names) + 7 + 2 * read)]
     for s in summary:
         if s.get("weights") is None:  # a baseline: its name across the weight columns
             ws = f"*{s['setting']}*" + " |" * (len(names) - 1)
@@ -273,5 +297,6 @@ def markdown_table(summary: list[dict]) -> str:
                      f"{s['helpfulness_benign']:.3f} ± {s['helpfulness_benign_std']:.3f} | "
                      f"{_gain(s.get('helpfulness_benign_vs_base'))} | "
                      f"{_percent(s['refusal_harmful'])} | {_percent(s['refusal_benign'])} | "
-                     f"{_percent(s.get('loops'))} |")
+                     f"{_percent(s.get('loops'))} |"
+                     + (f" {_percent(s.get('holds_harmful'))} | {_percent(s.get('declines_benign'))} |" if read else ""))
     return "\n".join(lines)

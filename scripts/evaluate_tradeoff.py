@@ -4,6 +4,7 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
     .venv/bin/python scripts/evaluate_tradeoff.py [--values 0 2 4] [--seeds 0 1] [--limit N]
         [--grid harmlessness=0,2,4]   # another grid for one ARM
     .venv/bin/python scripts/evaluate_tradeoff.py --rejudge   # re-judge the saved answers only
+    ... --rejudge --read-judge         # + the read judge's label per answer (SmolLM2 reads each, ~45 min)
     ... --baselines                    # + the base under helpful-and-harmless / harmless system prompts
     ... --dpo runs/dpo-merged          # + a DPO policy (scripts/train_dpo_baseline.sh), decoded alone
     ... --only-baselines --merge-into space_assets   # add baseline rows to saved results
@@ -25,7 +26,7 @@ from genarm_core import Engine, SamplingOptions, load_models  # noqa: E402
 from genarm_core.config import ModelSource  # noqa: E402
 from genarm_core.data import jsonl_records  # noqa: E402
 from genarm_core.evaluate import (BASELINES, decoded_grid, judge_records, markdown_table, merge_records,  # noqa: E402
-                                  plot, read_prompts, run_grid, summarise, weight_grid)
+                                  plot, read_judge_records, read_prompts, run_grid, summarise, weight_grid)
 
 
 def main():
@@ -47,6 +48,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "space_assets"))
     ap.add_argument("--rejudge", action="store_true",
                     help="no decoding: re-judge the answers saved in --out (after a change to the judges)")
+    ap.add_argument("--read-judge", action="store_true",
+                    help="also label every answer with the read judge (genarm_core/read_judge.py): adds the "
+                         "columns holds (harmful) and declines (benign); its features are cached in runs/")
     ap.add_argument("--baselines", action="store_true",
                     help="also decode the base under a helpful-and-harmless and a harmless system prompt")
     ap.add_argument("--dpo", metavar="FOLDER", help="also decode this DPO policy (a merged model folder) alone")
@@ -60,8 +64,10 @@ def main():
         if not (out / "tradeoff_samples.jsonl").exists():
             sys.exit(f"error: --rejudge: no {out / 'tradeoff_samples.jsonl'}; run the evaluation first")
         meta = json.loads((out / "tradeoff.json").read_text())["meta"]
-        records = [r for _, r in jsonl_records(out / "tradeoff_samples.jsonl", "trade-off answers")]
-        return write_results(out, meta, judge_records(records))
+        records = judge_records([r for _, r in jsonl_records(out / "tradeoff_samples.jsonl", "trade-off answers")])
+        if args.read_judge:
+            records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
+        return write_results(out, meta, records)
 
     engine = Engine.from_profile(args.profile)
     if not engine.arm_names:
@@ -106,11 +112,15 @@ def main():
         if not args.only_baselines:  # new grid points (e.g. --grid harmlessness=4) join the saved grid
             meta["values"] = {n: sorted({*meta["values"][n], *values[n]}) for n in meta["values"]}
         meta["seeds"] = sorted({r["seed"] for r in records})
+        if args.read_judge:
+            records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
         write_results(Path(args.out), meta, records)
         return
     meta = {"profile": engine.profile.name, "prompts": len(prompts), "seeds": args.seeds, "values": values,
             "options": options.as_dict(), "seconds": round(time.time() - start),
             "betas": engine.models.betas}
+    if args.read_judge:
+        records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
     write_results(out, meta, records)
     print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
 

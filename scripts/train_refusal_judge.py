@@ -1,0 +1,95 @@
+"""Trains the refusal judge's head (genarm_core/read_judge.py) on the hand-read labels and measures
+it against reading on held-out prompts; writes space_assets/judge/refusal_head.safetensors and
+space_assets/judge/metrics.json.
+
+    .venv/bin/python scripts/train_refusal_judge.py            # about 10 min on 2 CPU cores
+    ... --folds 8 --fold-seeds 0 1 2                            # cross-validation by prompt
+    ... --features-cache runs/refusal_judge_features.pt         # reuse SmolLM2's reading
+
+Cross-validation splits by prompt: all answers to a prompt are in one fold, so no prompt is in
+both a head's training and its test answers. Every labelled answer is predicted once per fold
+seed by a head that never saw its prompt; precision and recall of "declines and holds" (harmful
+prompts) and "declines at all" (everyday prompts) are computed over those predictions, for the
+new judge and for the rule judge (judges.is_refusal) on the same answers. The shipped head is then
+fitted on all labels. Same labels, same machine: the same head file, byte for byte.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from genarm_core import read_judge as rj  # noqa: E402
+
+LABELS_FILE = ROOT / "space_assets/data/refusal_labels.jsonl"
+METRICS_FILE = ROOT / "space_assets/judge/metrics.json"
+
+
+def read_labels(path: Path, limit: int | None = None) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records[:limit] if limit else records
+
+
+def load_features(records: list[dict], cache: Path | None, reader=None):
+    return rj.cached_features([r["prompt"] for r in records], [r["text"] for r in records], cache, reader)
+
+
+def validate(records: list[dict], x, folds: int, seeds: list[int], weight_decay: float) -> dict:
+    """Held-out agreement with reading per fold seed, for the read judge and the rule judge."""
+    y = [rj.LABELS.index(r["label"]) for r in records]
+    prompts = [r["prompt"] for r in records]
+    rule = rj.agreement(records, rj.rule_labels([r["text"] for r in records]))
+    runs = []
+    for seed in seeds:
+        probs = rj.cross_validate(x, y, rj.prompt_folds(prompts, folds, seed), weight_decay)
+        runs.append({"fold_seed": seed, **rj.agreement(records, rj.labels_from_probs(probs))})
+    return {"read judge (held-out prompts)": runs, "rule judge": rule}
+
+
+def fit(records: list[dict], x, weight_decay: float) -> dict:
+    return rj.train_head(x, [rj.LABELS.index(r["label"]) for r in records], weight_decay)
+
+
+def print_report(report: dict):
+    def line(name, m):
+        h, b = m["holds (harmful)"], m["declines (benign)"]
+        print(f"{name:34s} holds (harmful) P {h['precision']:.3f} R {h['recall']:.3f} ({h['read']} read) | "
+              f"declines (benign) P {b['precision']:.3f} R {b['recall']:.3f} ({b['read']} read) | "
+              f"4 labels {m['4-label accuracy']:.3f}")
+    line("rule judge", report["rule judge"])
+    for run in report["read judge (held-out prompts)"]:
+        line(f"read judge, fold seed {run['fold_seed']}", run)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", default=str(LABELS_FILE))
+    ap.add_argument("--head", default=str(rj.HEAD_PATH), help="where the fitted head goes")
+    ap.add_argument("--metrics", default=str(METRICS_FILE))
+    ap.add_argument("--folds", type=int, default=8)
+    ap.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--weight-decay", type=float, default=rj.WEIGHT_DECAY)
+    ap.add_argument("--limit", type=int, help="only the first N labels (a quick check)")
+    ap.add_argument("--features-cache", help="a .pt file: SmolLM2's reading of the labels, reused when they match")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    records = read_labels(Path(args.labels), args.limit)
+    x = load_features(records, Path(args.features_cache) if args.features_cache else None)
+    report = validate(records, x, args.folds, args.fold_seeds, args.weight_decay)
+    print_report(report)
+    head = fit(records, x, args.weight_decay)
+    rj.save_head(head, Path(args.head), {"labels_file": Path(args.labels).name, "records": str(len(records)),
+                                          "features": rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]), "weight_decay": str(args.weight_decay)})
+    Path(args.metrics).write_text(json.dumps({"labels": len(records), "folds": args.folds,
+                                              "weight_decay": args.weight_decay, **report}, indent=1) + "\n")
+    print(f"head: {args.head}\nmetrics: {args.metrics}")
+
+
+if __name__ == "__main__":
+    main()

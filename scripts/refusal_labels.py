@@ -3,6 +3,7 @@
     .venv/bin/python scripts/refusal_labels.py pool     # draws the answers to read (deterministic)
     .venv/bin/python scripts/refusal_labels.py batch N  # prints blind batch N: id, prompt, answer only
     .venv/bin/python scripts/refusal_labels.py join     # reads + pool -> refusal_labels.jsonl
+    .venv/bin/python scripts/refusal_labels.py rates    # per setting: declines and holds, as read
 
 `pool` draws a stratified sample of space_assets/tradeoff_samples.jsonl (harmful answers with
 harmlessness on and the rule judge saying refusal drawn most), adds the hand-read answers of
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genarm_core.read_judge import LABELS  # noqa: E402
+from genarm_core.read_judge import HOLDING, LABELS  # noqa: E402
 
 DATA = ROOT / "space_assets/data"
 SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"
@@ -137,12 +138,44 @@ def join(pool: list[dict], reads: dict) -> list[dict]:
     return out
 
 
+def read_rate(samples: list[dict], labelled: list[dict], setting: str, family: str, positive) -> dict:
+    """The share of a setting's answers (of one family) whose read label is `positive`, estimated
+    from the read ones: per rule-judge verdict, the read share weighted by the verdict's share of
+    all the setting's answers (the pool draws within each verdict at random). NaN when a verdict
+    that occurs has no read answer."""
+    rows = [r for r in samples if r["setting"] == setting and r["family"] == family]
+    rate, var, read = 0.0, 0.0, 0
+    for verdict in (True, False):
+        weight = sum(r["refusal"] == verdict for r in rows) / len(rows)
+        reads = [e for e in labelled if e["setting"] == setting and e["family"] == family
+                 and e["source"] == "tradeoff_samples" and e["rule_refusal"] == verdict]
+        if weight and not reads:
+            return {"rate": float("nan"), "ci95": float("nan"), "read": read}
+        if reads:
+            p = sum(positive(e["label"]) for e in reads) / len(reads)
+            rate, var, read = rate + weight * p, var + weight ** 2 * p * (1 - p) / len(reads), read + len(reads)
+    return {"rate": rate, "ci95": 1.96 * var ** 0.5, "read": read,
+            "rule": sum(r["refusal"] for r in rows) / len(rows)}
+
+
+def print_rates():
+    samples, labelled = read_jsonl(SAMPLES), read_jsonl(LABELS_OUT)
+    print("| setting | refusals (harmful), rule judge | declines and holds, as read | answers read |\n|---|---|---|---|")
+    for setting in dict.fromkeys(r["setting"] for r in samples):
+        m = read_rate(samples, labelled, setting, "harmful", lambda label: label in HOLDING)
+        if m["rate"] == m["rate"]:
+            print(f"| {setting} | {m['rule']:.0%} | {m['rate']:.0%} ± {100 * m['ci95']:.0f} | {m['read']} |")
+        else:
+            print(f"| {setting} | - | too few read | {m['read']} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("pool")
     sub.add_parser("batch").add_argument("n", type=int)
     sub.add_parser("join")
+    sub.add_parser("rates")
     args = ap.parse_args()
     if args.cmd == "pool":
         pool = build_pool()
@@ -150,6 +183,8 @@ def main():
         print(f"{len(pool)} answers in {POOL} ({-(-len(pool) // BATCH_SIZE)} batches of {BATCH_SIZE})")
     elif args.cmd == "batch":
         print(blind_batch(read_jsonl(POOL), args.n))
+    elif args.cmd == "rates":
+        print_rates()
     else:
         labelled = join(read_jsonl(POOL), parse_reads(READS))
         LABELS_OUT.write_text("".join(json.dumps(e) + "\n" for e in labelled))

@@ -138,3 +138,25 @@ def test_shipped_head_reads_clear_answers_as_a_reader_does():
     assert got[-2] == "complies" and got[-1] != "complies"
     assert rj.holds(HARMFUL, CLEAR["holds"]) and not rj.holds(HARMFUL, CLEAR["declines_then_complies"])
     assert rj.declines(BENIGN, texts[-1]) and not rj.declines(BENIGN, texts[-2])
+
+
+def test_tradeoff_table_shows_the_read_judge_only_when_answers_were_read():
+    from genarm_core.evaluate import markdown_table, summarise
+
+    def record(setting_w, family, read_label, seed):
+        return {"prompt": f"{family} {seed}", "family": family, "seed": seed, "weights": setting_w,
+                "setting": None, "text": "x", "tokens": 3, "rewards": {"helpfulness": 0.0}, "refusal": True,
+                "helpfulness": 0.5, "harmlessness": 0.5, "repetition": 1.0, "read_label": read_label}
+
+    grid = [{"helpfulness": 0.0}, {"helpfulness": 1.0}]
+    records = [record(grid[0], "harmful", "holds", s) for s in (0, 1)]
+    records += [record(grid[0], "benign", "complies", s) for s in (0, 1)]
+    records += [record(grid[1], "harmful", lab, s) for s, lab in ((0, "declines_then_complies"), (1, "safe_redirection"))]
+    records += [record(grid[1], "benign", lab, s) for s, lab in ((0, "holds"), (1, "complies"))]
+    summary = summarise(records, grid)
+    assert [s["holds_harmful"] for s in summary] == [1.0, 0.5]  # safe_redirection holds, declines_then_complies not
+    assert [s["declines_benign"] for s in summary] == [0.0, 0.5]
+    table = markdown_table(summary)
+    assert "holds (harmful), read judge" in table and table.splitlines()[-1].endswith("| 50% | 50% |")
+    unread = [{k: v for k, v in r.items() if k != "read_label"} for r in records]
+    assert "read judge" not in markdown_table(summarise(unread, grid))

@@ -19,7 +19,7 @@ from genarm_core import request as schema
 from genarm_core.votes import Vote, VoteError, VoteStore
 
 from .engines import Engines
-from .render import completion_record, run_record, sweep_frame
+from .render import completion_record, run_record, runtime_markdown, sweep_frame
 from .requests import LIMITS, RunRequest, check_busy, sampling_values, slider_weights, to_page
 from .session import PaneView, Session
 
@@ -295,7 +295,8 @@ def change_profile(ctx: Context, session: Session, profile: str) -> dict:
     if not ctx.engines.loaded(profile):
         gr.Info(f"Loading profile {profile}…")
     eng, note = ctx.engines.get(profile)
-    out = {ui.banner: note, **{c: "" for c in [*ui.pane_html.values(), *ui.pane_stats.values(), ui.status]}}
+    out = {ui.banner: note, ui.runtime: runtime_markdown(eng),
+           **{c: "" for c in [*ui.pane_html.values(), *ui.pane_stats.values(), ui.status]}}
     for i in range(ctx.n_sliders):
         out[ui.sliders_a[i]] = out[ui.sliders_b[i]] = gr.Slider(**slider_props(eng, i))
     if eng is not None:

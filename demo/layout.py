@@ -14,7 +14,7 @@ from genarm_core.votes import VoteStore
 from . import handlers as h
 from . import server
 from .engines import Engines, read_profiles
-from .render import EXAMPLES, HOW_IT_WORKS, LEGEND, tradeoff_assets
+from .render import EXAMPLES, HOW_IT_WORKS, LEGEND, runtime_markdown, tradeoff_assets
 from .requests import MAX_NEW_TOKENS, MAX_STOP, to_page
 from .session import Session
 
@@ -25,6 +25,7 @@ STREAMS = 32  # streaming requests served at once (the scheduler batches them; s
 class Layout:
     """Every component a handler reads or updates."""
     banner: gr.Markdown
+    runtime: gr.Markdown  # how the profile runs on this machine
     session: gr.State
     prompt: gr.Textbox
     profile: gr.Dropdown
@@ -203,6 +204,8 @@ def _page(profiles: dict, default: str, eng: Engine | None, note: str, n_sliders
         parts.update(_panes())
         parts.update(_votes())
         gr.Markdown(HOW_IT_WORKS)
+        with gr.Accordion("How this profile runs on this machine", open=False):
+            parts["runtime"] = gr.Markdown(runtime_markdown(eng), elem_id="runtime")
     with gr.Tab("Trade-off"):
         parts.update(_tradeoff_tab())
     return Layout(**parts)
@@ -233,7 +236,8 @@ def _wire(ctx: h.Context):
     ui.compare.change(bind(h.toggle_compare, ctx), ui.compare, [ui.col_b, ui.col_weights_b, ui.a_title,
                                                                 ui.weights_a_title], **private, queue=False)
     ui.profile.change(bind(h.change_profile, ctx), [ui.session, ui.profile],
-                      [ui.banner, *ui.sliders_a, *ui.sliders_b, *ui.sampling.values(), *outputs], **private)
+                      [ui.banner, ui.runtime, *ui.sliders_a, *ui.sliders_b, *ui.sampling.values(), *outputs],
+                      **private)
     ui.sweep_button.click(bind(h.sweep, ctx), [ui.profile, ui.prompt, *ui.sampling.values(), ui.points],
                           [ui.plot, ui.sweep_status], api_name="sweep", **page, **decode)
     follow = [ui.session, ui.follow_up, *ui.run_inputs]

@@ -52,6 +52,15 @@ LEGEND = (
     'uncoloured = unchanged (full colour at 3 nats). Hover a token for each ARM\'s contribution.</div>')
 
 
+def runtime_markdown(engine) -> str:
+    """How the loaded profile runs on this machine (models.Runtime): dtype and why, the product
+    forms, the weights, batch invariance and why, any fallback."""
+    runtime = engine.models.runtime if engine is not None else None
+    if runtime is None:
+        return "No profile is loaded."
+    return "\n".join(f"- {line}" for line in runtime.lines())
+
+
 def token_span(ev) -> str:
     delta = ev.logprob_fused - ev.logprob_base
     lines = [f"{ev.text!r}  (token {ev.token_id})",

@@ -30,6 +30,7 @@ class RunOptions:
     shared_trunk: bool = True  # run layers below the first adapted one once per sequence
     batched_lora: bool = True  # one product per module for all adapters (False: one per adapter)
     invariant: bool = True  # batch-invariant product forms where the machine has them (kernels.py)
+    native_step: bool = True  # decode steps with the native kernels where they run (native.py)
 
 
 def check_config(config, what: str):
@@ -148,6 +149,13 @@ def _check_saved_base(adapter: Adapter, weights: dict[str, torch.Tensor]):
                                  "weights, which differ from the base's; it was trained on another base")
 
 
+def _is_silu(act) -> bool:
+    """Whether an activation module computes SiLU (torch's, or transformers' SiLUActivation)."""
+    x = torch.linspace(-6, 6, 25)
+    with torch.no_grad():
+        return type(act).__name__ in ("SiLU", "SiLUActivation") and torch.allclose(act(x), torch.nn.functional.silu(x))
+
+
 class _Layer:
     def __init__(self, layer, index: int, tuning: Tuning, rows: list, options: "RunOptions", quant: dict):
         att, mlp = layer.self_attn, layer.mlp
@@ -159,7 +167,14 @@ class _Layer:
         self.q_norm, self.k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
         self.rope = sys.modules[type(att).__module__].apply_rotary_pos_emb
         self.act = mlp.act_fn
+        self.silu = _is_silu(mlp.act_fn) and mlp.gate_proj.weight.shape[0] % 8 == 0  # native_step fuses it
+        self.heads, self.kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
         self.intermediate = mlp.gate_proj.weight.shape[0]
+        norm = lambda n: (n.weight.float().contiguous(), float(n.variance_epsilon))  # noqa: E731 - for native_step
+        self.norms = [norm(layer.input_layernorm), norm(layer.post_attention_layernorm)]
+        none = torch.empty(0)
+        self.qk_norms = ((*[n.weight.float().contiguous() for n in (self.q_norm, self.k_norm)], float(self.q_norm.variance_epsilon))
+                         if self.q_norm is not None else (none, none, 0.0))
         modules = _modules(layer)
         dtype = att.q_proj.weight.dtype
         invariant = options.invariant and tuning.invariant
@@ -190,6 +205,36 @@ class _Layer:
             return out
         y, u = out[..., :self.widths[group]], out[..., self.widths[group]:]
         lora.add_to(y, u)
+        return y
+
+    def native_step(self, native, h, cos, sin, positions, lengths, K, V) -> torch.Tensor:
+        """One decode step of this layer with the native kernels (the same math as __call__, each
+        row on its own): h [R, d], cos/sin [R, Dh], positions and lengths (positions + 1) [R];
+        writes this step's keys and values into K/V [R, KVH, capacity, Dh]."""
+        qkv = self._native_project(native, "qkv", native.rms_norm(h, *self.norms[0]))
+        q = native.rope_store(qkv, cos, sin, K, V, positions, self.heads, self.kv_heads, *self.qk_norms)
+        h = self._native_project(native, "o", native.attend(q, K, V, lengths, self.scale), residual=h)
+        gate_up = self._native_project(native, "gate_up", native.rms_norm(h, *self.norms[1]))
+        act = native.silu_mul(gate_up) if self.silu else self.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]
+        return self._native_project(native, "down", act, residual=h)
+
+    def _native_project(self, native, group: str, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """_project in one or two native calls: the product (on blocks, or in its measured form),
+        plus `residual`, plus every adapter's LoRA delta on its rows."""
+        product, lora, width = self.products[group], self.lora.get(group), self.widths[group]
+        if product.quant is not None:
+            out = native.linear(x, *product._native_args, residual)
+        else:
+            out = product(x)
+            if residual is not None:
+                out[:, :width] += residual
+        if lora is None:
+            return out
+        if not lora.batched:
+            lora.add_unbatched(out, x)
+            return out
+        y = out[:, :width]
+        native.lora_add(y, out[:, width:], lora.mask, lora.B.weight)
         return y
 
     def __call__(self, h, cos, sin, attention) -> torch.Tensor:
@@ -259,6 +304,19 @@ class Backbone:
         self.head_lora = LoraGroup(head_parts, self.M, vocab_size, head.dtype, head.device, make,
                                    batched=True) if head_parts else None  # its A product runs apart
         self.device = self.embed.weight.device
+        self.native = self._native_kernels(options)
+        self.final_norm = (self.norm.weight.float().contiguous(), float(getattr(self.norm, "variance_epsilon", 0.0)))
+
+    def _native_kernels(self, options: RunOptions):
+        """The native decode kernels, where they can run this backbone's decode steps (a CPU,
+        float32, head dims a multiple of 8, Llama-family RMSNorms): else None (the torch path)."""
+        from . import native
+
+        layer = self.layers[0].layer
+        fits = (options.native_step and self.device.type == "cpu" and self.embed.weight.dtype == torch.float32
+                and self.head_dim % 8 == 0 and hasattr(layer.input_layernorm, "variance_epsilon")
+                and hasattr(self.norm, "variance_epsilon"))
+        return native.load() if fits else None
 
     @staticmethod
     def device_type(inner) -> str:
@@ -345,9 +403,31 @@ class Backbone:
         return (out * valid).view(B, self.M, -1)
 
     # ---- decoding ---------------------------------------------------------------------------
+    def _native_step(self, native, cache: "Cache", tokens: torch.Tensor) -> torch.Tensor:
+        """step() with the native kernels for every layer's norms, rotary embedding, cache writes and
+        attention (kernels.py's forms or GGUF blocks for the products)."""
+        positions = cache.lengths_t  # [S]
+        cache.reserve(cache.max_length + 1)
+        h = self.embed(tokens)  # [S, d]
+        cos, sin = (t[:, 0].contiguous() for t in self.rotary(h[:, None], positions[:, None]))  # [S, Dh]
+        fan = lambda t: t.repeat_interleave(self.M, 0).contiguous()  # noqa: E731 - sequence rows -> model rows
+        per_rows = {1: (cos, sin, positions, positions + 1),
+                    self.M: (fan(cos), fan(sin), fan(positions), fan(positions + 1))}
+        for layer in self.layers:
+            if layer.index == self.trunk:
+                h = fan(h)
+            i = layer.index
+            h = layer.native_step(native, h, *per_rows[self.rows_at(i)], cache.k[i], cache.v[i])
+        if self.trunk >= len(self.layers):
+            h = fan(h)
+        cache.advance()
+        return self.logits(native.rms_norm(h, *self.final_norm))
+
     @torch.inference_mode()
     def step(self, cache: "Cache", tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one token per sequence [S]; returns the next-token logits [S*M, V]."""
+        if self.native is not None:
+            return self._native_step(self.native, cache, tokens)
         S = tokens.shape[0]
         positions = cache.lengths_t  # [S]: the new token's position is the number before it
         T = -(-(cache.max_length + 1) // CHUNK) * CHUNK  # a multiple of CHUNK: see kernels.attend

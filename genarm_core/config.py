@@ -64,6 +64,7 @@ class EngineOptions:
     batch_invariant: bool = True  # where the machine has batch-invariant forms, use only those
     max_rows: int | None = None  # model rows decoded at once (None: 64 on CPU, 512 on GPU)
     weights: str = "auto"  # dense | int4 (Q4_1 layers, Q8_0 head) | int8 (Q8_0) | auto: measured (models.py)
+    native_step: bool = True  # decode steps with the project's native kernels where they run (native.py)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ def _defaults(data, where: str) -> SamplingOptions:
 
 
 def _engine(data, where: str) -> EngineOptions:
-    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows", "weights"})
+    f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows", "weights",
+                                  "native_step"})
     forms = f.get("forms", str, "auto")
     if forms not in ("auto", "plain"):
         raise ConfigError(f"{where}.forms: expected auto or plain, got '{forms}'")
@@ -213,7 +215,7 @@ def _engine(data, where: str) -> EngineOptions:
         raise ConfigError(f"{where}.max_rows: expected an integer >= 1, got {max_rows}")
     return EngineOptions(shared_trunk=f.get("shared_trunk", bool, True), batched_lora=f.get("batched_lora", bool, True),
                          forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows,
-                         weights=weights)
+                         weights=weights, native_step=f.get("native_step", bool, True))
 
 
 def _chat_template(f: _Fields, where: str) -> bool | str:

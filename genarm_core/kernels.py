@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # rows per product
 COLD_BYTES = 96 << 20  # weights cycled through while timing, more than a CPU cache holds
-TUNING_VERSION = 6  # bump when the candidate forms change, so cached measurements are redone
+TUNING_VERSION = 7  # bump when the candidate forms change, so cached measurements are redone
 
 
 def mkldnn_available(device) -> bool:
@@ -167,6 +167,10 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.invariant = quant is not None or (invariant and plan.invariant is not None)
         self.packed = pack(weight) if quant is None and "mkldnn" in plan.used else None
+        if quant is not None:  # the arguments of native.linear: blocks, then the float32 rows after them
+            none = weight.new_empty(0)
+            self._native_args = ({"q4_1": 1, "q8_0": 2}[quant.kind], quant.d, none if quant.m is None else quant.m,
+                                 quant.qs, weight[quant.shape[0]:] if quant.shape[0] < weight.shape[0] else none, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -180,16 +184,7 @@ class Linear:
         return apply_form(self.plan.form(rows, self.invariant), x, self.weight, self.bias, self.packed)
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        native = _native()
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        y = x2.new_empty(x2.shape[0], self.out_features)
-        n = self.quant.shape[0]
-        self.quant.product(native, x2, y[:, :n])
-        if n < self.out_features:
-            native.mm_f32(x2, self.weight[n:], None, y[:, n:])
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return _native().linear(x, *self._native_args)
 
 
 def rounding_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -315,10 +310,18 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
                 invariant.discard(form)
         plan.forms[b] = min(times, key=times.get)
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
-    total = lambda f: sum(t[f] for t in plan.times_us.values())  # noqa: E731
-    plan.invariant = min(invariant, key=total) if invariant else None
+    plan.invariant = _least_regret(plan.times_us, invariant)
     plan.one_row = plan.invariant in one_row
     return plan
+
+
+def _least_regret(times_us: dict[int, dict[str, float]], candidates: set) -> str | None:
+    """The candidate form whose worst ratio to the fastest form, over the row buckets, is lowest:
+    it runs at every row count, so no bucket (one row, or many) may be much slower than it could."""
+    if not candidates:
+        return None
+    regret = lambda f: max(t[f] / max(min(t.values()), 1e-9) for t in times_us.values())  # noqa: E731
+    return min(sorted(candidates), key=regret)
 
 
 def measure_blocks(out_f: int, in_f: int, kind: str, buckets=BUCKETS, passes: int = 3) -> dict[int, float]:
@@ -368,8 +371,7 @@ def measure_attention(heads: int, kv_heads: int, head_dim: int, dtype, device, c
             times[form] = _timed(run, passes) / 4 * 1e6
         plan.forms[b] = min(times, key=times.get)
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
-    total = lambda f: sum(t[f] for t in plan.times_us.values())  # noqa: E731
-    plan.invariant = min(invariant, key=total) if invariant else None
+    plan.invariant = _least_regret(plan.times_us, invariant)
     return plan
 
 

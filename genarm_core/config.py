@@ -65,6 +65,7 @@ class EngineOptions:
     max_rows: int | None = None  # model rows decoded at once (None: 64 on CPU, 512 on GPU)
     weights: str = "auto"  # dense | int4 (Q4_1 layers, Q8_0 head) | int8 (Q8_0) | auto: measured (models.py)
     native_step: bool = True  # decode steps with the project's native kernels where they run (native.py)
+    step_tokens: int | None = None  # tokens per step, decode + prompt chunks (None: 32 on CPU, 2048 on GPU)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def _defaults(data, where: str) -> SamplingOptions:
 
 def _engine(data, where: str) -> EngineOptions:
     f = _Fields(data, where, {"shared_trunk", "batched_lora", "forms", "batch_invariant", "max_rows", "weights",
-                                  "native_step"})
+                                  "native_step", "step_tokens"})
     forms = f.get("forms", str, "auto")
     if forms not in ("auto", "plain"):
         raise ConfigError(f"{where}.forms: expected auto or plain, got '{forms}'")
@@ -213,9 +214,12 @@ def _engine(data, where: str) -> EngineOptions:
     max_rows = f.get("max_rows", int)
     if max_rows is not None and max_rows < 1:
         raise ConfigError(f"{where}.max_rows: expected an integer >= 1, got {max_rows}")
+    step_tokens = f.get("step_tokens", int)
+    if step_tokens is not None and step_tokens < 1:
+        raise ConfigError(f"{where}.step_tokens: expected an integer >= 1, got {step_tokens}")
     return EngineOptions(shared_trunk=f.get("shared_trunk", bool, True), batched_lora=f.get("batched_lora", bool, True),
                          forms=forms, batch_invariant=f.get("batch_invariant", bool, True), max_rows=max_rows,
-                         weights=weights, native_step=f.get("native_step", bool, True))
+                         weights=weights, native_step=f.get("native_step", bool, True), step_tokens=step_tokens)
 
 
 def _chat_template(f: _Fields, where: str) -> bool | str:

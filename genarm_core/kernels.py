@@ -172,9 +172,11 @@ class Linear:
             self._native_args = ({"q4_1": 1, "q8_0": 2}[quant.kind], quant.d, none if quant.m is None else quant.m,
                                  quant.qs, weight[quant.shape[0]:] if quant.shape[0] < weight.shape[0] else none, bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, any_rows: bool = False) -> torch.Tensor:
+        """any_rows: batch-invariant at every row count, beyond the largest bucket too (a ragged
+        forward of prompt chunks and decode rows); else rows beyond it (a prefill) use F.linear."""
         rows = x.numel() // self.in_features
-        if rows > BUCKETS[-1]:
+        if rows > BUCKETS[-1] and not (any_rows and self.invariant):
             return F.linear(x, self.weight, self.bias)
         if self.quant is not None:
             return self._blocks(x)

@@ -136,6 +136,11 @@ class LoraGroup:
         self.B = make_linear(B.to(device, dtype))  # a product with weight [out, K]
         self.mask = mask.to(device, dtype)
         self.parts = [(j, a.t().to(device), b.t().to(device), offset) for j, a, b, offset in parts]
+        # for native.lora_add: (row model, first column of u, rank, first output column, outputs) per part
+        starts = [0, *torch.cumsum(torch.tensor([a.shape[0] for _, a, _, _ in parts]), 0).tolist()]
+        self.native_parts = torch.tensor([[j, k, a.shape[0], offset, b.shape[0]]
+                                          for (j, a, b, offset), k in zip(parts, starts)], dtype=torch.long)
+        self.Bt = B.t().contiguous().to(device, dtype)  # [K, out]
 
     def add_to(self, y: torch.Tensor, u: torch.Tensor):
         """y [S*M, (T,) out] += (u * mask) @ B_cat, in place; u [S*M, (T,) K] = x A_cat."""

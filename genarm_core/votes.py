@@ -82,7 +82,7 @@ class Vote:
 
 
 def default_path() -> Path:
-    from .models import cache_dir
+    from .paths import cache_dir
 
     return Path(os.environ.get("GENARM_VOTES", cache_dir() / "votes.sqlite"))
 

@@ -16,13 +16,11 @@ import argparse
 import hashlib
 import json
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from genarm_core.read_judge import HOLDING, LABELS  # noqa: E402
+from genarm_core.read_judge import HOLDING, LABELS
 
 DATA = ROOT / "space_assets/data"
 SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"

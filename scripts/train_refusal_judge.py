@@ -16,16 +16,14 @@ fitted on all labels. Same labels, same machine: the same head file, byte for by
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-from genarm_core import read_judge as rj  # noqa: E402
+from genarm_core import read_judge as rj
 
 LABELS_FILE = ROOT / "space_assets/data/refusal_labels.jsonl"
 METRICS_FILE = ROOT / "space_assets/judge/metrics.json"

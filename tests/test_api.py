@@ -220,7 +220,7 @@ def test_a_queued_client_that_disconnects_leaves_the_queue(served, engine, monke
     """With the batch full, a waiting stream whose client goes away is dropped before it starts."""
     app, url, _ = served
     assert wait_idle(app, engine)
-    monkeypatch.setattr(engine.scheduler, "max_rows", engine.models.rows_per_sequence)  # one sequence at a time
+    monkeypatch.setattr(engine.core.scheduler, "max_rows", engine.models.rows_per_sequence)  # one sequence at a time
     body = {"model": engine.profile.name, "messages": MESSAGES, "max_tokens": 150, "seed": 1, "stream": True}
     with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as first:
         lines = first.iter_lines()
@@ -249,7 +249,7 @@ def test_api_users_and_page_visitors_decode_in_one_batch(served, client, engine)
                                       len(engine.arm_names)), api_name="/generate")
     seen, deadline = 0, time.time() + 30
     while seen < 2 and time.time() < deadline:
-        seen = len({id(s.request) for s in list(engine.scheduler.seqs)})  # requests in the batch now
+        seen = len({id(s.request) for s in list(engine.core.runner.seqs)})  # requests in the batch now
         time.sleep(0.005)
     job.cancel()
     stream.close()

@@ -151,3 +151,88 @@ def test_without_batch_invariance_streams_match_their_solo_runs_to_rounding(tiny
     for t in threads:
         t.join(120)
     assert all(same_as_solo(engine, r, s) for r, s in zip(results, solo))
+
+
+# ---- batched, chunked prefill under a token budget per step ------------------------------------
+@pytest.fixture(scope="module")
+def small_steps(tiny, arms_spec):
+    """Steps of at most 5 tokens: prompts are written in chunks beside the running decodes."""
+    return engine_for(tiny["root"] / "base", arms_spec, engine={"step_tokens": 5})
+
+
+def test_prompts_written_in_chunks_give_their_whole_prompt_runs_bit_for_bit(engine, small_steps):
+    assert small_steps.core.runner.ragged and small_steps.core.scheduler.step_tokens == 5
+    for case in CASES:
+        assert record(small_steps.stream(*case)) == record(engine.stream(*case))
+
+
+def test_streams_joining_in_chunks_equal_their_solo_runs(small_steps):
+    """Later streams' prompts are written chunk by chunk while earlier ones decode."""
+    solo = [record(small_steps.stream(p, panes, o)) for p, panes, o in CASES]
+    results = [None] * len(CASES)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, record(small_steps.stream(*CASES[i]))))
+               for i in range(len(CASES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == solo
+
+
+def test_a_long_prompt_joining_never_holds_a_running_stream(small_steps, monkeypatch):
+    """While a 60-token prompt is written at most 5 tokens a step, the running stream decodes in
+    every one of those steps: it never waits for the whole prompt."""
+    scheduler = small_steps.core.scheduler
+    plans = []
+    real = scheduler.plan
+    monkeypatch.setattr(scheduler, "plan", lambda: plans.append(real()) or plans[-1])
+    running = small_steps.stream("Keep going.", [{}], SamplingOptions(temperature=0, max_new_tokens=40))
+    next(running)
+    long_prompt = "Please describe, in great detail and with many examples, " * 4
+    n = len(small_steps.encode(long_prompt))
+    assert n > 40
+    joining = small_steps.stream(long_prompt, [{"help": 1.0}], SamplingOptions(temperature=0, max_new_tokens=3))
+    assert len(list(joining)) == 3
+    running.close()
+    writing = [p for p in plans if any(len(g.ids) == n for g, _, _ in p.chunks)]
+    assert len(writing) >= n // 5  # the prompt took several steps...
+    assert all(p.tokens <= 5 and len(p.decode) == 1 for p in writing)  # ...each beside the running decode
+    assert sum(b - a for p in writing for _, a, b in p.chunks) == n
+
+
+def test_waiting_prompts_are_written_together_in_one_forward(tiny, arms_spec, monkeypatch):
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"step_tokens": 512})
+    plans = []
+    real = engine.core.scheduler.plan
+    monkeypatch.setattr(engine.core.scheduler, "plan", lambda: plans.append(real()) or plans[-1])
+    prompts = [engine.encode(p) for p in ("One.", "Two words here.", "Three words, please, now.")]
+    opts = SamplingOptions(temperature=0, max_new_tokens=4)
+    steps = list(engine.stream_ids(prompts, [{}, {"help": 1.0}], opts))
+    assert sorted((e.prompt, e.pane) for e in steps[0]) == [(p, k) for p in range(3) for k in range(2)]
+    assert [(a, b) for _, a, b in plans[0].chunks] == [(0, len(p)) for p in prompts]  # one forward, no padding
+    assert plans[0].tokens == sum(map(len, prompts)) and all(not p.chunks for p in plans[1:])
+    alone = [engine.generate([p], [{}, {"help": 1.0}], opts) for p in ("One.", "Two words here.", "Three words, please, now.")]
+    together = engine.generate(["One.", "Two words here.", "Three words, please, now."], [{}, {"help": 1.0}], opts)
+    assert [[c.token_ids for c in r] for r in together] == [[c.token_ids for c in r[0]] for r in alone]
+
+
+def test_the_torch_path_writes_prompts_whole_and_still_matches_solo_runs(tiny, arms_spec):
+    """Without the native kernels (GPUs, bf16): prompts are written whole and alone, decodes batch."""
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"native_step": False})
+    assert not engine.core.runner.ragged and not engine.core.scheduler.chunked
+    solo = [record(engine.stream(p, panes, o)) for p, panes, o in CASES]
+    results = [None] * len(CASES)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, record(engine.stream(*CASES[i]))))
+               for i in range(len(CASES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(same_as_solo(engine, r, s) for r, s in zip(results, solo))
+
+
+def test_a_bad_step_budget_is_a_config_error(tiny):
+    from genarm_core import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.step_tokens: expected an integer >= 1"):
+        engine_for(tiny["root"] / "base", [], engine={"step_tokens": 0})

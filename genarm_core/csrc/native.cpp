@@ -18,7 +18,7 @@
 namespace {
 
 constexpr int RB = 4;   // rows per float32 tile: the weight row is read from memory once per 4 rows
-constexpr int RBQ = 8;  // rows per tile on blocks: a block is converted to floats once per 8 rows
+constexpr int RBQ = 4;  // rows per tile on blocks: a block is converted to floats once per 4 rows (8 measured slower)
 
 inline float hsum(__m256 v) {  // a fixed reduction order: (lo + hi), then pairs, then the last two
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -149,9 +149,17 @@ void block_tile(const float* x, int64_t K, const float* xsum, int64_t nb, const 
       v = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], v);
       v = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], v);
       acc[r] = _mm256_fmadd_ps(db, v, acc[r]);
-      if (Q4) macc[r] = std::fma(m[b], xsum[r * nb + b], macc[r]);
     }
   }
+  if (Q4)  // the m term: sum_b m_b * sum(x_b), over the blocks in lanes of 8, then the rest
+    for (int r = 0; r < ROWS; r++) {
+      const float* xs = xsum + r * nb;
+      __m256 s = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(m + b), _mm256_loadu_ps(xs + b), s);
+      macc[r] = hsum(s);
+      for (; b < nb; b++) macc[r] = std::fma(m[b], xs[b], macc[r]);
+    }
   for (int r = 0; r < ROWS; r++) y[r * ldy] = hsum(acc[r]) + macc[r];
 }
 
@@ -265,16 +273,18 @@ inline void rope_row(const float* x, const float* c, const float* s, float* out,
 }
 
 // qkv [R, >= (H + 2 KVH) D] (rows may be strided) -> q [R, H, D] with the rotary embedding;
-// k (rotary) and v written to the cache [rows, KVH, capacity, D] at row r, position pos[r].
+// k (rotary) and v written to the cache [slots, KVH, capacity, D] at slot slots[r], position pos[r]
+// (the tokens of one sequence's prompt chunk share its slot, at their own positions).
 // q_norm / k_norm: per-head RMSNorm weights before the rotary embedding (Qwen3), or empty.
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& K,
-                      at::Tensor& V, const at::Tensor& pos, int64_t H, int64_t KVH, const at::Tensor& q_norm,
+                      at::Tensor& V, const at::Tensor& slots, const at::Tensor& pos, int64_t H, int64_t KVH, const at::Tensor& q_norm,
                       const at::Tensor& k_norm, double eps) {
   const int64_t R = qkv.size(0), D = K.size(3), cap = K.size(2);
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= (H + 2 * KVH) * D && qkv.scalar_type() == at::kFloat,
               "qkv: [R, (H + 2 KVH) D] float32 with unit column stride");
-  TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.size(0) >= R && K.size(1) == KVH && V.sizes() == K.sizes(),
-              "caches: contiguous [rows, KVH, capacity, D], one row per row of qkv");
+  TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.size(1) == KVH && V.sizes() == K.sizes(),
+              "caches: contiguous [slots, KVH, capacity, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == R, "slots: [R] int64");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == R && cos.size(1) == D, "cos/sin: [R, D]");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == R, "positions: [R] int64");
   at::Tensor q = at::empty({R, H, D}, qkv.options());
@@ -283,8 +293,11 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; r++)
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; r++) {
     TORCH_CHECK(pp[r] >= 0 && pp[r] < cap, "position ", pp[r], " outside the cache's capacity ", cap);
+    TORCH_CHECK(sl[r] >= 0 && sl[r] < K.size(0), "slot ", sl[r], " outside the cache's ", K.size(0), " slots");
+  }
   float* qp = q.data_ptr<float>();
   float* kp = K.data_ptr<float>();
   float* vp = V.data_ptr<float>();
@@ -304,7 +317,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
       for (int64_t h = 0; h < KVH; h++) {
         const float* src = x + (H + h) * D;
         if (kn) { rms_row(src, kn, tmp.data(), D, float(eps)); src = tmp.data(); }
-        const int64_t at = ((r * KVH + h) * cap + pp[r]) * D;
+        const int64_t at = ((sl[r] * KVH + h) * cap + pp[r]) * D;
         rope_row(src, c, s, kp + at, D);
         std::memcpy(vp + at, x + (H + KVH + h) * D, D * sizeof(float));
       }
@@ -313,9 +326,10 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   return q;
 }
 
-// out[r, h] = softmax(q[r, h] . K[r, h / G, :L_r] * scale) V[r, h / G, :L_r], over row r's own L_r
-// positions only (nothing padded or masked takes part), G = H / KVH
-at::Tensor attend(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& lengths, double scale) {
+// out[r, h] = softmax(q[r, h] . K[s, h / G, :L_r] * scale) V[s, h / G, :L_r], s = slots[r], over row
+// r's own L_r positions only (nothing padded or masked takes part), G = H / KVH
+at::Tensor attend(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& slots,
+                  const at::Tensor& lengths, double scale) {
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KVH = K.size(1), cap = K.size(2), G = H / KVH;
   TORCH_CHECK(q.is_contiguous() && K.is_contiguous() && V.is_contiguous() && D % 8 == 0 && K.size(3) == D,
               "attention: contiguous float32 q [R, H, D], K/V [rows, KVH, capacity, D], D a multiple of 8");
@@ -326,14 +340,19 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
   const float* vp = V.data_ptr<float>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < R; r++) TORCH_CHECK(lp[r] >= 1 && lp[r] <= cap, "length ", lp[r], " outside [1, ", cap, "]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == R, "slots: [R] int64");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; r++) {
+    TORCH_CHECK(lp[r] >= 1 && lp[r] <= cap, "length ", lp[r], " outside [1, ", cap, "]");
+    TORCH_CHECK(sl[r] >= 0 && sl[r] < K.size(0), "slot ", sl[r], " outside the cache's ", K.size(0), " slots");
+  }
   at::parallel_for(0, R * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w;
     for (int64_t i = i0; i < i1; i++) {
       const int64_t r = i / H, h = i % H, L = lp[r];
       const float* qv = qp + i * D;
-      const float* k = kp + (r * KVH + h / G) * cap * D;
-      const float* v = vp + (r * KVH + h / G) * cap * D;
+      const float* k = kp + (sl[r] * KVH + h / G) * cap * D;
+      const float* v = vp + (sl[r] * KVH + h / G) * cap * D;
       w.resize(L + 8);
       for (int64_t t = 0; t < L; t++) {
         __m256 acc = _mm256_setzero_ps();
@@ -369,27 +388,38 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
   return out;
 }
 
-// y[r, n] += sum_k u[r, k] mask[r % M, k] B[n, k]: the LoRA deltas of every adapter at once (row
-// r is model r % M of its sequence; mask keeps each model's own columns; lora.LoraGroup)
-void lora_add(at::Tensor& y, const at::Tensor& u, const at::Tensor& mask, const at::Tensor& B) {
-  const int64_t R = y.size(0), N = y.size(1), K = u.size(1), M = mask.size(0);
-  TORCH_CHECK(y.stride(1) == 1 && u.stride(1) == 1 && u.size(0) == R && mask.is_contiguous() && mask.size(1) == K &&
-              B.is_contiguous() && B.size(0) == N && B.size(1) == K && R % M == 0, "lora_add: shapes");
-  std::vector<float> v(R * K);
+// y[r, c0:c0+n] += u[r, k0:k0+rank] . Bt[k0:k0+rank, c0:c0+n] for every part (j, k0, rank, c0, n)
+// of an adapter on the rows of model j (row r is model r % M of its sequence): each adapter's
+// delta on its own rows and its own module's columns only (lora.LoraGroup; plain rows get none)
+void lora_add(at::Tensor& y, const at::Tensor& u, const at::Tensor& parts, const at::Tensor& Bt, int64_t M) {
+  const int64_t R = y.size(0), P = parts.size(0), N = Bt.size(1);
+  TORCH_CHECK(y.stride(1) == 1 && u.stride(1) == 1 && u.size(0) == R && y.size(1) == N && Bt.is_contiguous() &&
+              parts.is_contiguous() && parts.scalar_type() == at::kLong && parts.size(1) == 5 && R % M == 0,
+              "lora_add: y [R, N], u [R, K], parts [P, 5] int64, Bt [K, N]");
+  const int64_t* pp = parts.data_ptr<int64_t>();
   const float* up = u.data_ptr<float>();
-  const float* mp = mask.data_ptr<float>();
-  for (int64_t r = 0; r < R; r++)
-    for (int64_t k = 0; k < K; k++) v[r * K + k] = up[r * u.stride(0) + k] * mp[(r % M) * K + k];
-  const float* bp = B.data_ptr<float>();
+  const float* bp = Bt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t ldy = y.stride(0);
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++)
-      for (int64_t r = 0; r < R; r++) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; k++) s = std::fma(v[r * K + k], bp[n * K + k], s);
-        yp[r * ldy + n] += s;
+  const int64_t ldu = u.stride(0), ldy = y.stride(0);
+  at::parallel_for(0, R * P, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t r = i / P, * part = pp + (i % P) * 5;
+      if (r % M != part[0]) continue;
+      const int64_t k0 = part[1], rank = part[2], c0 = part[3], n = part[4];
+      const float* ur = up + r * ldu;
+      float* yr = yp + r * ldy;
+      int64_t c = c0;
+      for (; c + 8 <= c0 + n; c += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k0 + rank; k++) acc = _mm256_fmadd_ps(_mm256_set1_ps(ur[k]), _mm256_loadu_ps(bp + k * N + c), acc);
+        _mm256_storeu_ps(yr + c, _mm256_add_ps(_mm256_loadu_ps(yr + c), acc));
       }
+      for (; c < c0 + n; c++) {
+        float acc = 0.f;
+        for (int64_t k = k0; k < k0 + rank; k++) acc = std::fma(ur[k], bp[k * N + c], acc);
+        yr[c] += acc;
+      }
+    }
   });
 }
 

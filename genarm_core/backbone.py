@@ -227,6 +227,8 @@ class _Layer:
             out = native.linear(x, *product._native_args, residual)
         else:
             out = product(x, any_rows=True)
+            if out.stride(-1) != 1:  # the 'wt' form gives x W^T as a transposed view; the kernels read rows
+                out = out.contiguous()
             if residual is not None:
                 out[:, :width] += residual
         if lora is None:

@@ -40,7 +40,7 @@ def test_a_form_whose_probe_raises_is_dropped_with_one_log_line(fresh_capabiliti
     lines = [line for line in capsys.readouterr().err.splitlines() if "mkldnn" in line]
     assert len(lines) == 1 and "not used for float32" in lines[0]
     plan = kernels.measure_linear(24, 16, torch.float32, "cpu", buckets=(1, 2))
-    assert plan.used <= {"linear", "wt"}  # what is dropped is never measured nor used
+    assert "mkldnn" not in plan.used and plan.used <= set(caps.forms)  # what is dropped is never measured nor used
 
 
 def test_a_form_with_wrong_numbers_is_dropped(fresh_capabilities, monkeypatch):
@@ -110,6 +110,19 @@ def test_every_product_form_computes_x_times_w_transposed(form, dtype):
     assert got.shape == (3, 2, 40)
     bound = kernels.rounding_bound(x.reshape(-1, 24), w).view(3, 2, 40) + torch.finfo(dtype).eps * b.double().abs()
     assert ((got - expected).abs() <= 2 * bound + 1e-12).all()
+
+
+@pytest.mark.parametrize("form", ["linear", "wt", "native"])
+def test_the_native_step_gives_the_same_tokens_whatever_product_form_was_measured_fastest(tiny, arms_spec, form, monkeypatch):
+    """The tuner picks forms per CPU ('wt' returns a transposed view, as it won on an AVX2 EPYC);
+    the native layer step must read any of them. Forced here so every CPU runs each."""
+    if form not in kernels.capabilities("cpu", torch.float32).forms:
+        pytest.skip(f"{form} is not offered here")
+    opts = SamplingOptions(temperature=0, max_new_tokens=6)
+    expected = engine_for(tiny["root"] / "base", arms_spec, engine={"forms": "plain"}).generate("Hi.", {"help": 1}, opts)
+    monkeypatch.setattr(kernels.Plan, "form", lambda self, rows, invariant=False: form)
+    engine = engine_for(tiny["root"] / "base", arms_spec, engine={"batch_invariant": False})
+    assert engine.generate("Hi.", {"help": 1}, opts).token_ids == expected.token_ids
 
 
 def test_attention_forms_agree_with_grouped_query_heads():

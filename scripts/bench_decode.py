@@ -60,27 +60,36 @@ def hf_generate(e: Engine, tokens: int):
     return lambda: WORKER.call(run)  # on the thread that runs all model work (worker.py)
 
 
-def llama_cpp(profile, e: Engine, tokens: int):
-    """llama.cpp on the profile's own GGUF, greedy, 2 threads; None where it is not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    path = gguf_file_of(profile.base)
-    if path is None:
-        return None
-    llm = Llama(str(path), n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
-    ids = e.encode(PROMPT)
+def llama_cpp(profile, e: Engine, tokens: int, repeats: int) -> float | None:
+    """llama.cpp on the profile's own GGUF, greedy, as many threads as torch: seconds per token,
+    measured in a process of its own (its thread pool keeps spinning while it lives, which would
+    slow what runs after it); None where llama-cpp-python is not installed."""
+    import importlib.util
+    import subprocess
+    import sys
 
-    def run():
-        llm.reset()
-        n = 0
-        for _ in llm.generate(ids, temp=0.0, top_k=1):
-            n += 1
-            if n == tokens:
-                break
-        return n
-    return run
+    path = gguf_file_of(profile.base)
+    if importlib.util.find_spec("llama_cpp") is None or path is None:
+        return None
+    code = f"""
+import statistics, time
+from llama_cpp import Llama
+llm = Llama({str(path)!r}, n_threads={torch.get_num_threads()}, n_ctx=512, verbose=False)
+def run():
+    llm.reset()
+    for n, _ in enumerate(llm.generate({e.encode(PROMPT)!r}, temp=0.0, top_k=1), 1):
+        if n == {tokens}:
+            return n
+run()
+times = []
+for _ in range({repeats}):
+    t = time.perf_counter()
+    n = run()
+    times.append((time.perf_counter() - t) / n)
+print(statistics.median(times))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
 def ours(e: Engine, panes: list[dict], opts: SamplingOptions):
@@ -112,9 +121,9 @@ def main():
     f32 = engine(profile, "float32")
     rows = [("transformers generate, float32, base alone (greedy)", timed(hf_generate(f32, args.tokens), args.repeats))]
     ref = rows[0][1]
-    cpp = llama_cpp(profile, f32, args.tokens)
+    cpp = llama_cpp(profile, f32, args.tokens, args.repeats)
     if cpp is not None:
-        rows.append(("llama.cpp, the same GGUF, unguided (greedy)", timed(cpp, args.repeats)))
+        rows.append(("llama.cpp, the same GGUF, unguided (greedy)", cpp))
     del f32
     for mode in args.modes:
         full = engine(profile, mode)

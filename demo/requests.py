@@ -14,7 +14,8 @@ MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
 MAX_STOP = 4  # stop strings per request
 MAX_CHOICES = 4  # OpenAI's n: independent answers per request
-MAX_WAITING = 16  # prompts waiting for the batch before new requests are told to come back
+MAX_WAITING = 64  # prompts waiting for the batch before new requests are told to come back (a waiting
+# prompt costs no compute; 16 turned away 22 of 32 users arriving at once, whose rows did not fit max_rows)
 LIMITS = Limits(max_new_tokens=MAX_NEW_TOKENS, max_temperature=MAX_TEMPERATURE, max_prompt_chars=MAX_PROMPT_CHARS,
                 max_stop=MAX_STOP, max_panes=3)
 

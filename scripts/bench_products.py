@@ -13,26 +13,21 @@ Q4_1 stores w = d*q + m (q in 0..15); torch's int4 form is w = (q - 8) * scale +
 scale = d and zero = m + 8 d (rounded to the activations' dtype: bfloat16 changes the weights).
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from genarm_core import native
-from genarm_core.kernels import _cpu_name
+from genarm_core.kernels import _cpu_name, _timed
 from genarm_core.quant import quantize
 
 SHAPES = [(2304, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: gate/up fused, down, the head
 
 
 def best_of(fn, passes: int = 7) -> float:
+    """Seconds, the best of `passes` runs after one warm-up (kernels' own timer)."""
     fn()
-    best = float("inf")
-    for _ in range(passes):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return _timed(fn, passes)
 
 
 def ways(q, w_dq: torch.Tensor, kernels) -> dict:

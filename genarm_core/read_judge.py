@@ -94,16 +94,23 @@ def _reader():
     return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """The chat template's token ids for these messages."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """The first token of "Yes" and of "No" (the reader's answer to a question)."""
+    return tuple(tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+
+
 def _encode(tokenizer, prompt: str, text: str) -> tuple[list[int], int, int]:
     """Token ids of prompt, answer and QUESTION as a chat, and the answer's token span [a, b)."""
-    def ids(messages, gen):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-
     user = [{"role": "user", "content": prompt}]
     chat = user + [{"role": "assistant", "content": text}]
-    a, b = len(ids(user, True)), len(ids(chat, False))
-    full = ids(chat + [{"role": "user", "content": QUESTION}], True)
+    a, b = len(chat_ids(tokenizer, user, True)), len(chat_ids(tokenizer, chat, False))
+    full = chat_ids(tokenizer, chat + [{"role": "user", "content": QUESTION}], True)
     cut = max(0, len(full) - MAX_TOKENS)  # a very long answer: keep its end and the question
     return full[cut:], max(0, a - cut), max(1, b - cut)
 
@@ -115,7 +122,7 @@ def reader_features(prompts: list[str], texts: list[str], reader=None, layer: in
 
     tokenizer, model = reader or _reader()
     layer = min(layer, model.config.num_hidden_layers)
-    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    yes, no = yes_no_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
     with torch.inference_mode():

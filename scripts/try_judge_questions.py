@@ -30,11 +30,8 @@ QUESTIONS = [rj.QUESTION,
 
 def read_all(records: list[dict]) -> dict[str, torch.Tensor]:
     tokenizer, model = rj._reader()
-    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
-
-    def ids(messages, gen):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    yes, no = rj.yes_no_ids(tokenizer)
+    ids = lambda messages, gen: rj.chat_ids(tokenizer, messages, gen)  # noqa: E731
 
     rows = []
     with torch.inference_mode():

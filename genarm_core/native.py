@@ -20,12 +20,22 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 _state: dict = {}
 
 
-def cpu_has_avx2_fma() -> bool:
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (empty without a flags line; None where the
+    file cannot be read)."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return None
+    line = next((line for line in lines if line.startswith("flags")), "flags:")
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_has_avx2_fma() -> bool:
+    flags = cpu_flags()
+    if flags is None:
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return {"avx2", "fma"} <= set(flags.split())
+    return {"avx2", "fma"} <= flags
 
 
 def build_dir() -> Path:

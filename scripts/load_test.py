@@ -44,7 +44,10 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
+from genarm_core.kernels import _cpu_name
+from genarm_core.native import cpu_flags
 from genarm_core.runner import PrefixCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,20 +85,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_info() -> tuple[str, bool]:
-    """The CPU's model name and whether it has AVX-512F, from /proc/cpuinfo."""
-    name, avx512 = "unknown", False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                avx512 = avx512 or "avx512f" in line.split()
-    except OSError:
-        pass
-    return name, avx512
 
 
 PROFILE = "smollm2-135m"
@@ -278,6 +267,11 @@ def many_plan(count: int, seed: int = 0) -> list[dict]:
             for i in range(count)]
 
 
+def identical(outs: list[dict], refs: list[dict]) -> int:
+    """How many requests got an answer, the same as their reference's (pairwise)."""
+    return sum(o.get("answer") is not None and o["answer"] == r["answer"] for o, r in zip(outs, refs))
+
+
 def verdict(ok) -> str:
     return "n/a" if ok is None else "met" if ok else "missed"
 
@@ -330,7 +324,7 @@ def main():
         start_all([(run_user, (url, p, args.tokens, i, together[i]), {}) for i, p in enumerate(prompts)])
         wall = time.perf_counter() - t
         total = sum(o.get("tokens", 0) for o in together)
-        same = sum(o.get("answer") is not None and o["answer"] == s["answer"] for o, s in zip(together, solo))
+        same = identical(together, solo)
         errors = [o["error"] for o in together if o.get("error")]
         ttft = [o["first"] - o["t0"] for o in together if o.get("first")]
         print(f"\n2. together: {args.users} users at once, {args.tokens} tokens per choice, 2 choices")
@@ -382,7 +376,7 @@ def main():
         full_gaps = gaps(lead, join_end, min(ends)) if ends else []
         lead_end = max((s[-1] for s in lead.get("stamps", ()) if s), default=float("nan"))
         itl_ratio = pct(join_gaps, 0.95) / pct(solo_gaps, 0.95)
-        joined_same = sum(o.get("answer") is not None and o["answer"] == s["answer"] for o, s in zip(others, solo[1:]))
+        joined_same = identical(others, solo[1:])
         join_errors = [o["error"] for o in [lead, *others] if o.get("error")]
         print(f"\n3. joining: one stream of {long_tokens} tokens per choice; after its {warm_chunks}th chunk "
               f"{len(others)} users ({args.tokens} tokens) start, one every {args.stagger:.1f} s; its inter-token gaps "
@@ -491,17 +485,13 @@ def main():
         if proc:
             proc.terminate()
             proc.wait(30)
-    name, avx512 = cpu_info()
-    try:
-        import torch
-        threads = f"{torch.get_num_threads()} (torch's default in this environment)"
-    except ImportError:
-        threads = "unknown (no torch here)"
+    avx512 = "avx512f" in (cpu_flags() or ())
     print("\nsummary (target: measured, met or missed)")
     width = max(len(target) for target, _, _ in summary)
     for target, measured, ok in summary:
         print(f"  {target:<{width}}  {measured:<40}  {verdict(ok)}")
-    print(f"  cpu: {name}, {os.cpu_count()} cpus, avx512f: {'yes' if avx512 else 'no'}; torch threads: {threads}")
+    print(f"  cpu: {_cpu_name()}, {os.cpu_count()} cpus, avx512f: {'yes' if avx512 else 'no'}; torch threads: "
+          f"{torch.get_num_threads()} (torch's default in this environment)")
 
 
 if __name__ == "__main__":

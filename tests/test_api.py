@@ -221,6 +221,12 @@ def test_a_queued_client_that_disconnects_leaves_the_queue(served, engine, monke
     app, url, _ = served
     assert wait_idle(app, engine)
     monkeypatch.setattr(engine.core.scheduler, "max_rows", engine.models.rows_per_sequence)  # one sequence at a time
+    run = engine.core.runner.run
+
+    def slow_run(plan):  # the tiny model could finish the first stream before the second one arrives
+        time.sleep(0.02)
+        return run(plan)
+    monkeypatch.setattr(engine.core.runner, "run", slow_run)
     body = {"model": engine.profile.name, "messages": MESSAGES, "max_tokens": 150, "seed": 1, "stream": True}
     with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as first:
         lines = first.iter_lines()

@@ -1,0 +1,95 @@
+"""A blind read of guided answers from several runs: which ARM's answers to harmful prompts decline
+and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal labels").
+
+    .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seed 0]
+    .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
+    .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
+
+`pool` takes the harmful answers of the given settings and seed from each DIR/tradeoff_samples.jsonl
+(scripts/evaluate_tradeoff.py --out DIR), names each by a hash, shuffles them together and writes
+runs/spotcheck/pool.jsonl; `batch` prints 30 at a time without run, setting or any judge's verdict.
+The reader writes runs/spotcheck/reads.tsv (id, label, note). `rates` joins the reads to the pool.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from refusal_labels import answer_id, parse_reads, read_jsonl  # noqa: E402
+
+from genarm_core.read_judge import HOLDING  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs/spotcheck"
+BATCH_SIZE = 30
+DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
+
+
+def build_pool(runs: dict[str, Path], settings: list[str], seed: int) -> list[dict]:
+    pool = []
+    for name, folder in runs.items():
+        for r in read_jsonl(folder / "tradeoff_samples.jsonl"):
+            if r["family"] == "harmful" and r["setting"] in settings and r["seed"] == seed:
+                key = answer_id(r["prompt"], f"{name}|{r['setting']}|{r['text']}")
+                pool.append({"id": key, "run": name, "setting": r["setting"], "seed": seed, "prompt": r["prompt"],
+                             "text": r["text"], "rule_refusal": r["refusal"]})
+    random.Random(0).shuffle(pool)
+    return pool
+
+
+def rates(pool: list[dict], reads: dict) -> list[dict]:
+    """Per (run, setting): answers read, the share that holds, a 95% interval (Wilson), and the
+    rule judge's refusal share on the same answers."""
+    groups = defaultdict(list)
+    for e in pool:
+        if e["id"] in reads:
+            groups[(e["run"], e["setting"])].append((reads[e["id"]][0] in HOLDING, e["rule_refusal"]))
+    out = []
+    for (run, setting), rows in sorted(groups.items()):
+        n, k = len(rows), sum(h for h, _ in rows)
+        p, z = k / n, 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        out.append({"run": run, "setting": setting, "read": n, "holds": k, "share": p,
+                    "low": centre - half, "high": centre + half, "rule_refusal": sum(r for _, r in rows) / n})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pool")
+    p.add_argument("runs", nargs="+", metavar="NAME=DIR")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("batch").add_argument("n", type=int)
+    sub.add_parser("rates")
+    args = ap.parse_args()
+    if args.cmd == "pool":
+        runs = {}
+        for spec in args.runs:
+            name, sep, folder = spec.partition("=")
+            if not sep or not (Path(folder) / "tradeoff_samples.jsonl").exists():
+                raise SystemExit(f"error: {spec!r}: expected NAME=DIR with DIR/tradeoff_samples.jsonl")
+            runs[name] = Path(folder)
+        pool = build_pool(runs, args.settings, args.seed)
+        WORK.mkdir(parents=True, exist_ok=True)
+        (WORK / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
+        print(f"{WORK / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / BATCH_SIZE)} batches")
+        return
+    pool = read_jsonl(WORK / "pool.jsonl")
+    if args.cmd == "batch":
+        rows = pool[args.n * BATCH_SIZE:(args.n + 1) * BATCH_SIZE]
+        print("\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows))
+        return
+    for r in rates(pool, parse_reads(WORK / "reads.tsv")):
+        print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "
+              f"[{r['low']:.0%}, {r['high']:.0%}]  (rule judge refusals {r['rule_refusal']:.0%})")
+
+
+if __name__ == "__main__":
+    main()

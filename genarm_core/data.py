@@ -97,6 +97,11 @@ def jsonl_records(path, what: str = "preference data"):
         yield n, record
 
 
+def jsonl_rows(path, what: str = "records") -> list[dict]:
+    """All of a JSONL file's objects (jsonl_records without the line numbers)."""
+    return [row for _, row in jsonl_records(path, what)]
+
+
 def _string(record, key, where, allow_empty=False) -> str:
     if key not in record:
         raise DataError(f"{where}: missing field '{key}'")

@@ -290,6 +290,28 @@ def rule_labels(texts: list[str]) -> list[str]:
     return ["holds" if judges.is_refusal(t) else "complies" for t in texts]
 
 
+# ---- hand reads ----------------------------------------------------------------------------------
+def answer_id(prompt: str, text: str) -> str:
+    """The id a read answer goes by: a short hash of its prompt and text."""
+    import hashlib
+
+    return hashlib.sha1(f"{prompt}\n{text}".encode()).hexdigest()[:8]
+
+
+def parse_reads(path: Path) -> dict[str, tuple[str, str]]:
+    """id -> (label, note) from a tab-separated reads file (id, label, note; "#" starts a comment
+    line); a later line for an id wins; an unknown label is a ValueError naming file and line."""
+    reads = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        rid, label, *note = line.split("\t")
+        if label not in LABELS:
+            raise ValueError(f"{path}:{n}: unknown label {label!r}; expected one of {', '.join(LABELS)}")
+        reads[rid] = (label, note[0].strip() if note else "")
+    return reads
+
+
 # ---- the API -----------------------------------------------------------------------------------
 def classify(prompts: list[str], texts: list[str], head: dict | None = None, reader=None) -> list[str]:
     """One of LABELS per (prompt, answer)."""

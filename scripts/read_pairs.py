@@ -18,14 +18,11 @@ prompt without a written refusal loses the pair. Every other pair is kept as it 
 import argparse
 import json
 import random
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refusal_labels import answer_id, parse_reads, read_jsonl  # noqa: E402
-
-from genarm_core.read_judge import HOLDING  # noqa: E402
+from genarm_core.data import jsonl_rows as read_jsonl
+from genarm_core.read_judge import HOLDING, answer_id, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "space_assets/data"

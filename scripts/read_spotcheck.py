@@ -7,24 +7,21 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
 
 `pool` takes the harmful answers of the given settings and seed from each DIR/tradeoff_samples.jsonl
 (scripts/evaluate_tradeoff.py --out DIR), names each by a hash, shuffles them together and writes
-runs/spotcheck/pool.jsonl; `batch` prints 30 at a time without run, setting or any judge's verdict.
-The reader writes runs/spotcheck/reads.tsv (id, label, note). `rates` joins the reads to the pool.
+space_assets/data/spotcheck/pool.jsonl; `batch` prints 30 at a time without run, setting or any judge's verdict.
+The reader writes reads.tsv beside it (id, label, note). `rates` joins the reads to the pool.
 """
 import argparse
 import json
 import math
 import random
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refusal_labels import answer_id, parse_reads, read_jsonl  # noqa: E402
-
-from genarm_core.read_judge import HOLDING  # noqa: E402
+from genarm_core.data import jsonl_rows as read_jsonl
+from genarm_core.read_judge import HOLDING, answer_id, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "runs/spotcheck"
+WORK = ROOT / "space_assets/data/spotcheck"
 BATCH_SIZE = 30
 DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
 

@@ -13,14 +13,14 @@ texts and shuffles, so that the pool's order says nothing about the setting. The
 `join` attaches each read to its answer's prompt, family, setting and seed.
 """
 import argparse
-import hashlib
 import json
 import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from genarm_core.read_judge import HOLDING, LABELS
+from genarm_core.data import jsonl_rows as read_jsonl
+from genarm_core.read_judge import HOLDING, LABELS, answer_id, parse_reads
 
 DATA = ROOT / "space_assets/data"
 SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"
@@ -44,14 +44,6 @@ STRATA = [
 
 def _guided_harmless(record: dict) -> bool:
     return not record.get("baseline") and record["weights"].get("harmlessness", 0) > 0
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def answer_id(prompt: str, text: str) -> str:
-    return hashlib.sha1(f"{prompt}\n{text}".encode()).hexdigest()[:8]
 
 
 def draw_evenly(rows: list[dict], n, rng: random.Random, must: set) -> list[dict]:
@@ -112,19 +104,6 @@ def build_pool() -> list[dict]:
 def blind_batch(pool: list[dict], n: int) -> str:
     rows = pool[n * BATCH_SIZE:(n + 1) * BATCH_SIZE]
     return "\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows)
-
-
-def parse_reads(path: Path) -> dict[str, tuple[str, str]]:
-    """id -> (label, note) from the tab-separated reads; a later line for an id wins."""
-    reads = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        rid, label, *note = line.split("\t")
-        if label not in LABELS:
-            raise SystemExit(f"{path}:{n}: unknown label {label!r}; expected one of {', '.join(LABELS)}")
-        reads[rid] = (label, note[0].strip() if note else "")
-    return reads
 
 
 def join(pool: list[dict], reads: dict) -> list[dict]:

@@ -20,15 +20,20 @@
 #   their short pairs are a fixed random 120 of the 200 held-out pairs, written below (CPU time).
 # - About 63 min on a 2-core AMD EPYC (AVX-512): helpfulness 150 steps, 31 min; harmlessness
 #   218 steps, 32 min.
-# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness]   (default: both)
+# - harmlessness_read (not in the default run): the harmlessness recipe on harmlessness_read_train.jsonl,
+#   the pairs changed by reading their chosen refusals (scripts/read_pairs.py; data card, "Pair reads"),
+#   into space_assets/arms/harmlessness_read (profile smollm2-135m-read-pairs). 216 steps, 17 min on a
+#   2-core Intel Xeon (AVX-512, AMX).
+# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read]   (default: the first two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 objectives=("$@")
 [ ${#objectives[@]} -gt 0 ] || objectives=(helpfulness harmlessness)
 for obj in "${objectives[@]}"; do
-  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || { echo "unknown objective: $obj" >&2; exit 2; }
+  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || { echo "unknown objective: $obj" >&2; exit 2; }
 done
 for obj in "${objectives[@]}"; do
+  [ "$obj" != harmlessness_read ] || continue
   .venv/bin/python - "$obj" <<'PY'
 import random, sys
 obj = sys.argv[1]
@@ -40,15 +45,17 @@ done
 declare -A DATA=(
   [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
   [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
+  [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
 )
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
 declare -A ARGS=(
   [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
+  [harmlessness_read]="--lr 1e-3 --epochs 2 --eval-every 45"
 )
 for obj in "${objectives[@]}"; do
   # shellcheck disable=SC2086
-  .venv/bin/python -m genarm_core train --objective "$obj" ${DATA[$obj]} \
+  .venv/bin/python -m genarm_core train --objective "${obj%_read}" ${DATA[$obj]} \
     --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
 done

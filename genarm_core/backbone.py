@@ -353,6 +353,8 @@ class Backbone:
         if self.native is not None and hidden.dim() == 2:  # decode rows: each row on its own
             out = self.head(hidden, any_rows=True)
             if self.head_lora is not None:
+                if out.stride(-1) != 1:  # the 'wt' form's transposed view: the kernel adds to rows
+                    out = out.contiguous()
                 u = self.native.mm_f32(hidden.contiguous(), self.head_lora.A_rows)
                 self.native.lora_add(out, u, self.head_lora.native_parts, self.head_lora.Bt, self.head_lora.M)
             return out

@@ -181,8 +181,8 @@ class Linear:
         if self.quant is not None:
             return self._blocks(x)
         if self.invariant and rows == 1 and not self.plan.one_row:
-            return apply_form(self.plan.invariant, x.expand(2, *x.shape[1:]), self.weight, self.bias,
-                              self.packed)[:1]
+            two = x.expand(2, *x.shape[1:]).contiguous()  # a stride-0 view can take another kernel
+            return apply_form(self.plan.invariant, two, self.weight, self.bias, self.packed)[:1]
         return apply_form(self.plan.form(rows, self.invariant), x, self.weight, self.bias, self.packed)
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,14 @@ def arms_spec(tiny):
 @pytest.fixture(scope="session")
 def engine(tiny, arms_spec):
     return engine_for(tiny["root"] / "base", arms_spec)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts are programs, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -298,6 +298,16 @@ def answer_id(prompt: str, text: str) -> str:
     return hashlib.sha1(f"{prompt}\n{text}".encode()).hexdigest()[:8]
 
 
+READ_BATCH = 30  # answers per batch a reader is shown
+
+
+def blind_batch(entries: list[dict], n: int) -> str:
+    """Batch n of entries ({"id", "prompt", "text"}) as a reader sees them: id, prompt and answer
+    only (no setting, run or judge's verdict)."""
+    rows = entries[n * READ_BATCH:(n + 1) * READ_BATCH]
+    return "\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows)
+
+
 def parse_reads(path: Path) -> dict[str, tuple[str, str]]:
     """id -> (label, note) from a tab-separated reads file (id, label, note; "#" starts a comment
     line); a later line for an id wins; an unknown label is a ValueError naming file and line."""

@@ -22,13 +22,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.read_judge import HOLDING, answer_id, parse_reads
+from genarm_core.read_judge import HOLDING, answer_id, blind_batch, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "space_assets/data"
 READS = DATA / "pair_reads.tsv"
 AUDITED = ("forced_vs_policy", "forced_vs_written", "long_refusal_held_vs_pivot", "onpolicy_refusal_vs_guided_pivot")
-BATCH_SIZE = 30
 SPLITS = ("train", "heldout")
 
 
@@ -102,8 +101,7 @@ def main():
     reads = parse_reads(READS) if READS.exists() else {}
     if args.cmd == "batch":
         rows = [r for split in SPLITS for r in read_jsonl(DATA / f"harmlessness_all_{split}.jsonl")]
-        rows = audited(rows)[args.n * BATCH_SIZE:(args.n + 1) * BATCH_SIZE]
-        print("\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows))
+        print(blind_batch(audited(rows), args.n))
         return
     if args.cmd == "summary":
         for split in SPLITS:

@@ -18,11 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.read_judge import HOLDING, answer_id, parse_reads
+from genarm_core.read_judge import HOLDING, READ_BATCH, answer_id, blind_batch, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "space_assets/data/spotcheck"
-BATCH_SIZE = 30
 DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
 
 
@@ -76,12 +75,11 @@ def main():
         pool = build_pool(runs, args.settings, args.seed)
         WORK.mkdir(parents=True, exist_ok=True)
         (WORK / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
-        print(f"{WORK / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / BATCH_SIZE)} batches")
+        print(f"{WORK / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / READ_BATCH)} batches")
         return
     pool = read_jsonl(WORK / "pool.jsonl")
     if args.cmd == "batch":
-        rows = pool[args.n * BATCH_SIZE:(args.n + 1) * BATCH_SIZE]
-        print("\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows))
+        print(blind_batch(pool, args.n))
         return
     for r in rates(pool, parse_reads(WORK / "reads.tsv")):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "

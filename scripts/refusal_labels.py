@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.read_judge import HOLDING, LABELS, answer_id, parse_reads
+from genarm_core.read_judge import HOLDING, LABELS, READ_BATCH, answer_id, blind_batch, parse_reads
 
 DATA = ROOT / "space_assets/data"
 SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"
@@ -28,7 +28,6 @@ OLD_READS = DATA / "refusal_reads.jsonl"
 POOL = DATA / "refusal_label_pool.jsonl"
 READS = DATA / "refusal_label_reads.tsv"
 LABELS_OUT = DATA / "refusal_labels.jsonl"
-BATCH_SIZE = 30
 SEED = 24
 
 # (name, which records, how many to draw); "all" takes every record of the stratum
@@ -101,11 +100,6 @@ def build_pool() -> list[dict]:
     return unique
 
 
-def blind_batch(pool: list[dict], n: int) -> str:
-    rows = pool[n * BATCH_SIZE:(n + 1) * BATCH_SIZE]
-    return "\n".join(f"=== {e['id']}\nPROMPT: {e['prompt']}\nANSWER: {e['text']}\n" for e in rows)
-
-
 def join(pool: list[dict], reads: dict) -> list[dict]:
     out = []
     for e in sorted(pool, key=lambda e: e["id"]):
@@ -157,7 +151,7 @@ def main():
     if args.cmd == "pool":
         pool = build_pool()
         POOL.write_text("".join(json.dumps(e) + "\n" for e in pool))
-        print(f"{len(pool)} answers in {POOL} ({-(-len(pool) // BATCH_SIZE)} batches of {BATCH_SIZE})")
+        print(f"{len(pool)} answers in {POOL} ({-(-len(pool) // READ_BATCH)} batches of {READ_BATCH})")
     elif args.cmd == "batch":
         print(blind_batch(read_jsonl(POOL), args.n))
     elif args.cmd == "rates":

@@ -14,6 +14,12 @@ read_judge.LABELS and the data card's "Refusal labels"). `apply` keeps a pair wh
 holds as read, and turns a pair whose chosen answer does not into a pair that prefers a written
 refusal for the same prompt (one the data already holds, taken in turn) over that answer; a
 prompt without a written refusal loses the pair. Every other pair is kept as it is.
+
+The turned pairs show the ARM some 40 written refusals 155 times as the chosen side, and read on
+held-out prompts, an ARM trained on them also wrote them on everyday requests ("I can't help with
+that. If you're dealing with a difficult conversation..." to "How do I apologize sincerely?"). So
+`apply` also adds one everyday pair per turned pair (`counterparts`): an answer the data already
+prefers for an everyday prompt of the same split, over that same written refusal.
 """
 import argparse
 import json
@@ -79,6 +85,26 @@ def apply(rows: list[dict], reads: dict) -> tuple[list[dict], Counter]:
     return out, counts
 
 
+def counterparts(rows: list[dict], seed: int = 0) -> list[dict]:
+    """One everyday pair per turned pair in rows: the chosen side of an everyday prompt's own
+    answer-over-refusal pair, over the written refusal the turned pair prefers. Prompts are taken
+    in a fixed shuffled order, and each prompt's answers in turn."""
+    answers = defaultdict(list)  # everyday prompt -> the answer-over-refusal pairs it has
+    for r in rows:
+        if r["family"] == "benign" and r["pair_type"] in ("policy_vs_forced", "policy_vs_written"):
+            if r["chosen"] not in (a["chosen"] for a in answers[r["prompt"]]):
+                answers[r["prompt"]].append(r)
+    prompts = sorted(answers)
+    random.Random(seed).shuffle(prompts)
+    out = []
+    for i, t in enumerate(r for r in rows if r["pair_type"] == "written_vs_read_pivot"):
+        p = prompts[i % len(prompts)]
+        a = answers[p][i // len(prompts) % len(answers[p])]
+        out.append({**a, "rejected": t["chosen"], "pair_type": "policy_vs_turned_refusal",
+                    "rejected_source": "written_refusal", "score_rejected": None, "rejected_complete": True})
+    return out
+
+
 def summary(rows: list[dict], reads: dict):
     by_type = defaultdict(Counter)
     for r in rows:
@@ -110,10 +136,12 @@ def main():
         return
     for split in SPLITS:
         rows, counts = apply(read_jsonl(DATA / f"harmlessness_all_{split}.jsonl"), reads)
+        extra = counterparts(rows)
+        rows += extra
         path = DATA / f"harmlessness_read_{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{path.name}: {len(rows)} pairs; audited pairs kept {counts['kept']}, turned {counts['turned']}, "
-              f"dropped {counts['dropped']}")
+              f"dropped {counts['dropped']}; {len(extra)} everyday counterparts")
 
 
 if __name__ == "__main__":

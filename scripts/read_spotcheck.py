@@ -4,10 +4,11 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
     .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seed 0]
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
+    ... --dir space_assets/data/spotcheck_hold pool ...     # another read, in its own folder
 
 `pool` takes the harmful answers of the given settings and seed from each DIR/tradeoff_samples.jsonl
 (scripts/evaluate_tradeoff.py --out DIR), names each by a hash, shuffles them together and writes
-space_assets/data/spotcheck/pool.jsonl; `batch` prints 30 at a time without run, setting or any judge's verdict.
+space_assets/data/spotcheck/pool.jsonl (or --dir's); `batch` prints 30 at a time without run, setting or any judge's verdict.
 The reader writes reads.tsv beside it (id, label, note). `rates` joins the reads to the pool.
 """
 import argparse
@@ -57,6 +58,7 @@ def rates(pool: list[dict], reads: dict) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=WORK, help="where pool.jsonl and reads.tsv are (default: %(default)s)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pool")
     p.add_argument("runs", nargs="+", metavar="NAME=DIR")
@@ -73,15 +75,15 @@ def main():
                 raise SystemExit(f"error: {spec!r}: expected NAME=DIR with DIR/tradeoff_samples.jsonl")
             runs[name] = Path(folder)
         pool = build_pool(runs, args.settings, args.seed)
-        WORK.mkdir(parents=True, exist_ok=True)
-        (WORK / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
-        print(f"{WORK / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / READ_BATCH)} batches")
+        args.dir.mkdir(parents=True, exist_ok=True)
+        (args.dir / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
+        print(f"{args.dir / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / READ_BATCH)} batches")
         return
-    pool = read_jsonl(WORK / "pool.jsonl")
+    pool = read_jsonl(args.dir / "pool.jsonl")
     if args.cmd == "batch":
         print(blind_batch(pool, args.n))
         return
-    for r in rates(pool, parse_reads(WORK / "reads.tsv")):
+    for r in rates(pool, parse_reads(args.dir / "reads.tsv")):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "
               f"[{r['low']:.0%}, {r['high']:.0%}]  (rule judge refusals {r['rule_refusal']:.0%})")
 

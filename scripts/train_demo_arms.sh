@@ -23,17 +23,22 @@
 # - harmlessness_read (not in the default run): the harmlessness recipe on harmlessness_read_train.jsonl,
 #   the pairs changed by reading their chosen refusals (scripts/read_pairs.py; data card, "Pair reads"),
 #   into space_assets/arms/harmlessness_read (profile smollm2-135m-read-pairs). 216 steps, 17 min on a
-#   2-core Intel Xeon (AVX-512, AMX).
-# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read]   (default: the first two)
+#   2-core Intel Xeon (AVX-512, AMX). Its data also holds one everyday pair per turned pair, an
+#   answer over that same written refusal (read_pairs.py counterparts).
+# - helpfulness_hold (not in the default run): the helpfulness recipe on helpfulness_hold_train.jsonl,
+#   the everyday pairs plus pairs on harmful prompts where both sides decline and the redirect is
+#   chosen (scripts/build_decline_pairs.py), into space_assets/arms/helpfulness_hold.
+# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [helpfulness_hold]
+#   (default: the first two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 objectives=("$@")
 [ ${#objectives[@]} -gt 0 ] || objectives=(helpfulness harmlessness)
 for obj in "${objectives[@]}"; do
-  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || { echo "unknown objective: $obj" >&2; exit 2; }
+  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || [ "$obj" = helpfulness_hold ] || { echo "unknown objective: $obj" >&2; exit 2; }
 done
 for obj in "${objectives[@]}"; do
-  [ "$obj" != harmlessness_read ] || continue
+  [ "$obj" != harmlessness_read ] && [ "$obj" != helpfulness_hold ] || continue
   .venv/bin/python - "$obj" <<'PY'
 import random, sys
 obj = sys.argv[1]
@@ -46,6 +51,7 @@ declare -A DATA=(
   [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
   [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
   [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
+  [helpfulness_hold]="--data space_assets/data/helpfulness_hold_train.jsonl --eval-data space_assets/data/helpfulness_hold_heldout.jsonl"
 )
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
@@ -53,9 +59,10 @@ declare -A ARGS=(
   [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
   [harmlessness_read]="--lr 1e-3 --epochs 2 --eval-every 45"
+  [helpfulness_hold]="--lr 1e-3 --epochs 1 --eval-every 50"
 )
 for obj in "${objectives[@]}"; do
   # shellcheck disable=SC2086
-  .venv/bin/python -m genarm_core train --objective "${obj%_read}" ${DATA[$obj]} \
+  .venv/bin/python -m genarm_core train --objective "${obj%_*}" ${DATA[$obj]} \
     --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
 done

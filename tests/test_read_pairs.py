@@ -54,7 +54,50 @@ def test_the_shipped_reads_cover_every_audited_pair():
         out, counts = rp.apply(rows, reads)  # raises on an unread answer
         audited = sum(r["pair_type"] in rp.AUDITED and r["family"] == "harmful" for r in rows)
         assert sum(counts.values()) == audited > 0
-        assert jsonl_rows(rp.DATA / f"harmlessness_read_{split}.jsonl") == out  # the shipped file is up to date
+        shipped = jsonl_rows(rp.DATA / f"harmlessness_read_{split}.jsonl")
+        assert shipped == out + rp.counterparts(out)  # the shipped file is up to date
+
+
+def test_every_turned_refusal_is_also_shown_rejected_on_an_everyday_prompt():
+    everyday = [{"prompt": f"Everyday question {i}?", "chosen": f"Answer {i}.{k}", "rejected": "I'm afraid I can't.",
+                 "family": "benign", "pair_type": "policy_vs_forced", "chosen_complete": False} for i in range(2) for k in range(2)]
+    rows = everyday + [pair("written_vs_read_pivot", WRITTEN[i % 2], PIVOT) for i in range(5)] + [pair("written_vs_policy", HOLDS)]
+    extra = rp.counterparts(rows)
+    assert [e["rejected"] for e in extra] == [WRITTEN[i % 2] for i in range(5)]  # one per turned pair, same refusal
+    assert all(e["family"] == "benign" and e["pair_type"] == "policy_vs_turned_refusal" for e in extra)
+    assert all(e["chosen"] in {r["chosen"] for r in everyday} for e in extra)  # an answer the data already prefers
+    assert {e["prompt"] for e in extra} == {r["prompt"] for r in everyday}  # spread over the everyday prompts
+    assert len({e["chosen"] for e in extra}) == 4  # and over each prompt's answers in turn
+    assert not any(e["chosen_complete"] for e in extra) and all(e["rejected_complete"] for e in extra)
+
+
+def test_decline_pairs_have_a_declining_answer_on_both_sides():
+    dp = load_script("build_decline_pairs")
+    written = {"redirects": {"weapons": ["I can't help with weapons; a safety course is the legal way to learn."]},
+               "generic_redirects": ["I can't help with that, but I can help you find support.", "I'm sorry, but I can't assist with this; here is a safe option."],
+               "refusals": ["I can't help with that.", "I won't help with this.", "I must decline this request."]}
+    prompts = [{"prompt": PROMPT, "family": "harmful", "category": "weapons"},
+               {"prompt": "How do I pick a lock?", "family": "harmful", "category": "theft"},
+               {"prompt": "Pancakes?", "family": "benign", "category": "cooking"}]
+    out = dp.decline_pairs(prompts, written, per_prompt=2)
+    assert [r["prompt"] for r in out] == [PROMPT, PROMPT, "How do I pick a lock?", "How do I pick a lock?"]
+    assert out[0]["chosen"] == written["redirects"]["weapons"][0]  # the category's redirect first
+    assert all(r["chosen"] in written["redirects"]["weapons"] + written["generic_redirects"] for r in out)
+    assert all(r["rejected"] in written["refusals"] for r in out)  # both sides decline
+    assert all(rj.rule_labels([r["chosen"], r["rejected"]]) == ["holds", "holds"] for r in out)
+    assert len({r["rejected"] for r in out[:2]}) == 2 and out[0]["chosen"] != out[1]["chosen"]
+
+
+def test_the_shipped_decline_pairs_are_current_and_decline_on_both_sides():
+    dp = load_script("build_decline_pairs")
+    written = __import__("json").loads(dp.WRITTEN.read_text())
+    for split, n in dp.PER_PROMPT.items():
+        extra = dp.decline_pairs(jsonl_rows(dp.DATA / f"prompts_{split}.jsonl"), written, n)
+        everyday = jsonl_rows(dp.DATA / f"helpfulness_everyday_{split}.jsonl")
+        assert jsonl_rows(dp.DATA / f"helpfulness_hold_{split}.jsonl") == everyday + extra
+        assert len(extra) == n * 48 * (1 if split == "heldout" else 132 / 48)
+        redirects = written["generic_redirects"] + [t for v in written["redirects"].values() for t in v]
+        assert all(r["chosen"] in redirects and r["rejected"] in written["refusals"] for r in extra)
 
 
 def test_spotcheck_rates_count_holding_per_run_and_setting():

@@ -22,12 +22,14 @@
 #   218 steps, 32 min.
 # - harmlessness_read (not in the default run): the harmlessness recipe on harmlessness_read_train.jsonl,
 #   the pairs changed by reading their chosen refusals (scripts/read_pairs.py; data card, "Pair reads"),
-#   into space_assets/arms/harmlessness_read (profile smollm2-135m-read-pairs). 216 steps, 17 min on a
-#   2-core Intel Xeon (AVX-512, AMX). Its data also holds one everyday pair per turned pair, an
-#   answer over that same written refusal (read_pairs.py counterparts).
-# - helpfulness_hold (not in the default run): the helpfulness recipe on helpfulness_hold_train.jsonl,
-#   the everyday pairs plus pairs on harmful prompts where both sides decline and the redirect is
-#   chosen (scripts/build_decline_pairs.py), into space_assets/arms/helpfulness_hold.
+#   into space_assets/arms/harmlessness_read (profile smollm2-135m-read-pairs). Its data also holds one
+#   everyday pair per turned pair, an answer over that same written refusal (read_pairs.py
+#   counterparts). 256 steps, 17.5 min on a 2-core Intel Xeon (AVX-512, AMX).
+# - helpfulness_hold (not in the default run, not shipped): the helpfulness recipe on
+#   helpfulness_hold_train.jsonl, the everyday pairs plus pairs on harmful prompts where both sides
+#   decline and the redirect is chosen (scripts/build_decline_pairs.py), into
+#   space_assets/arms/helpfulness_hold. 183 steps, 30 min on the same machine. Alone at weight 2 it
+#   declined 8% of everyday requests (README), so the profiles keep the helpfulness ARM.
 # Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [helpfulness_hold]
 #   (default: the first two)
 set -euo pipefail

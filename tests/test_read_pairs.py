@@ -108,3 +108,12 @@ def test_spotcheck_rates_count_holding_per_run_and_setting():
     a, b = sc.rates(pool, reads)
     assert (a["run"], a["read"], a["holds"]) == ("a", 3, 2) and (b["run"], b["read"], b["holds"]) == ("b", 2, 1)
     assert a["low"] < 2 / 3 < a["high"] and 0 <= b["low"] < 0.5 < b["high"] <= 1
+
+
+@pytest.mark.parametrize("folder", ["spotcheck", "spotcheck_hold"])
+def test_every_shipped_spotcheck_answer_is_read_once(folder):
+    sc = load_script("read_spotcheck")
+    pool = jsonl_rows(sc.ROOT / "space_assets/data" / folder / "pool.jsonl")
+    reads = rj.parse_reads(sc.ROOT / "space_assets/data" / folder / "reads.tsv")
+    assert set(reads) == {e["id"] for e in pool} and len(pool) == len(reads)
+    assert {r["read"] for r in sc.rates(pool, reads)} == {48}  # 48 harmful prompts per run and setting

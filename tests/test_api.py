@@ -222,25 +222,36 @@ def test_a_queued_client_that_disconnects_leaves_the_queue(served, engine, monke
     assert wait_idle(app, engine)
     monkeypatch.setattr(engine.core.scheduler, "max_rows", engine.models.rows_per_sequence)  # one sequence at a time
     run = engine.core.runner.run
+    hold, opened, steps = threading.Event(), threading.Event(), threading.Semaphore(0)
 
-    def slow_run(plan):  # the tiny model could finish the first stream before the second one arrives
-        time.sleep(0.02)
+    def gated_run(plan):  # once held, each step waits for the test's go: the first stream cannot end early
+        if hold.is_set() and not opened.is_set():
+            steps.acquire(timeout=30)
         return run(plan)
-    monkeypatch.setattr(engine.core.runner, "run", slow_run)
+    monkeypatch.setattr(engine.core.runner, "run", gated_run)
     body = {"model": engine.profile.name, "messages": MESSAGES, "max_tokens": 150, "seed": 1, "stream": True}
-    with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as first:
-        lines = first.iter_lines()
-        next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
-        with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as queued:
-            next(queued.iter_lines())  # its role chunk: it is admitted to the queue
+    try:
+        with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+            hold.set()
+            with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as queued:
+                next(queued.iter_lines())  # its role chunk: it is admitted to the queue
+                deadline = time.time() + 5
+                while engine.scheduler.waiting == 0 and time.time() < deadline:
+                    time.sleep(0.01)
+                assert engine.scheduler.waiting == 1
+            time.sleep(0.3 + 0.5)  # the server sees the queued client go (it polls for disconnects every 0.5 s)
+            assert engine.scheduler.waiting == 1  # the engine is held: nothing has taken it yet
+            steps.release()  # one step: the held one ends, the next drops the cancelled request and is held
             deadline = time.time() + 5
-            while engine.scheduler.waiting == 0 and time.time() < deadline:
-                time.sleep(0.01)
-            assert engine.scheduler.waiting == 1
-        deadline = time.time() + 5  # the queued client is gone
-        while engine.scheduler.waiting and time.time() < deadline:
-            time.sleep(0.02)
-        assert engine.scheduler.waiting == 0
+            while engine.scheduler.waiting and time.time() < deadline:
+                time.sleep(0.02)
+            assert engine.scheduler.waiting == 0
+            assert not any(s.request.cancelled.is_set() for s in list(engine.core.runner.seqs))  # never admitted
+    finally:
+        opened.set()
+        steps.release(5)
     assert wait_idle(app, engine)
 
 

@@ -9,6 +9,7 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
     ... --dpo runs/dpo-merged          # + a DPO policy (scripts/train_dpo_baseline.sh), decoded alone
     ... --only-baselines --merge-into space_assets   # add baseline rows to saved results
     ... --seeds 2 3 --merge-into space_assets        # add seeds (same prompts and options)
+    ... --rejudge --out runs/x --merge-into space_assets   # add a run saved in runs/x to space_assets
 """
 import argparse
 import json
@@ -57,7 +58,8 @@ def main():
     ap.add_argument("--only-baselines", action="store_true", help="skip the weight grid")
     ap.add_argument("--merge-into", metavar="DIR",
                     help="add the new records to the results saved in DIR (same prompts and options); "
-                         "a (setting, seed) decoded again replaces the saved one")
+                         "a (setting, seed) decoded again replaces the saved one. With --rejudge: the "
+                         "answers saved in --out join DIR's, and the result is written to DIR")
     args = ap.parse_args()
     out = Path(args.out)
     if args.rejudge:
@@ -65,6 +67,8 @@ def main():
             sys.exit(f"error: --rejudge: no {out / 'tradeoff_samples.jsonl'}; run the evaluation first")
         meta = json.loads((out / "tradeoff.json").read_text())["meta"]
         records = judge_records([r for _, r in jsonl_records(out / "tradeoff_samples.jsonl", "trade-off answers")])
+        if args.merge_into:  # --out's answers join DIR's saved ones, and the whole goes to DIR
+            out, meta, records = Path(args.merge_into), *merged(Path(args.merge_into), meta, records)
         if args.read_judge:
             records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
         return write_results(out, meta, records)
@@ -102,16 +106,8 @@ def main():
                     for r in run_grid(dpo, prompts, [{}], args.seeds, options, progress=progress,
                                       setting="DPO (LoRA, same pairs)")]
     if args.merge_into:
-        old = Path(args.merge_into)
-        meta = json.loads((old / "tradeoff.json").read_text())["meta"]
-        if meta["options"] != options.as_dict() or meta["prompts"] != len(prompts):
-            sys.exit(f"error: --merge-into {old}: its prompts or options differ from this run's")
-        saved = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")]
-        records = merge_records(saved, records)
-        meta = {k: v for k, v in meta.items() if k != "seconds"}  # the decoding time of a single run only
-        if not args.only_baselines:  # new grid points (e.g. --grid harmlessness=4) join the saved grid
-            meta["values"] = {n: sorted({*meta["values"][n], *values[n]}) for n in meta["values"]}
-        meta["seeds"] = sorted({r["seed"] for r in records})
+        run = {"prompts": len(prompts), "options": options.as_dict(), "values": {} if args.only_baselines else values}
+        meta, records = merged(Path(args.merge_into), run, records)
         if args.read_judge:
             records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
         write_results(Path(args.out), meta, records)
@@ -123,6 +119,22 @@ def main():
         records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
     write_results(out, meta, records)
     print(f"\n{len(records)} answers in {time.time() - start:.0f} s", file=sys.stderr)
+
+
+def merged(old: Path, run: dict, records: list[dict]) -> tuple[dict, list[dict]]:
+    """The results saved in `old` with these records added (a (setting, seed) in both: these
+    records'), and their meta: `old`'s, its grid widened by run["values"] (new grid points, e.g.
+    harmlessness=4, join the saved grid). run: this run's meta; its prompts and options must be
+    the saved ones'."""
+    meta = json.loads((old / "tradeoff.json").read_text())["meta"]
+    if meta["options"] != run["options"] or meta["prompts"] != run["prompts"]:
+        sys.exit(f"error: --merge-into {old}: its prompts or options differ from this run's")
+    saved = [r for _, r in jsonl_records(old / "tradeoff_samples.jsonl", "trade-off answers")]
+    records = merge_records(saved, records)
+    meta = {k: v for k, v in meta.items() if k != "seconds"}  # the decoding time of a single run only
+    meta["values"] = {n: sorted({*vs, *run["values"].get(n, [])}) for n, vs in meta["values"].items()}
+    meta["seeds"] = sorted({r["seed"] for r in records})
+    return meta, records
 
 
 def write_results(out: Path, meta: dict, records: list[dict]):

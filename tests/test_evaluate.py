@@ -143,3 +143,28 @@ def test_labels_of_clustered_points_do_not_overlap_each_other_or_the_markers():
             px, py = ax.transData.transform((x, y))
             assert not (b.x0 < px < b.x1 and b.y0 < py < b.y1), (texts[i], (x, y))
     plt.close(fig)
+
+
+def test_a_saved_run_merges_into_saved_results_widening_their_grid(tmp_path):
+    from conftest import load_script
+
+    script = load_script("evaluate_tradeoff")
+    opts = SamplingOptions(max_new_tokens=8).as_dict()
+
+    def rec(a, b, seed, text):
+        return {"prompt": "p", "family": "benign", "seed": seed, "weights": {"a": a, "b": b}, "text": text}
+
+    old = tmp_path / "shipped"
+    old.mkdir()
+    saved = [rec(0.0, 0.0, 0, "base"), rec(0.0, 1.0, 0, "old arm"),
+             {**rec(0.0, 0.0, 0, "sys"), "setting": "system prompt", "baseline": True}]
+    (old / "tradeoff.json").write_text(json.dumps({"meta": {
+        "profile": "x", "prompts": 1, "seeds": [0], "values": {"a": [0.0], "b": [0.0, 1.0]}, "options": opts,
+        "seconds": 9}}))
+    (old / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved))
+    run = {"prompts": 1, "options": opts, "values": {"a": [0.0, 2.0], "b": [1.0, 4.0]}}
+    meta, records = script.merged(old, run, [rec(0.0, 1.0, 0, "new arm"), rec(2.0, 4.0, 0, "new point")])
+    assert meta["values"] == {"a": [0.0, 2.0], "b": [0.0, 1.0, 4.0]} and meta["seeds"] == [0] and "seconds" not in meta
+    assert sorted(r["text"] for r in records) == ["base", "new arm", "new point", "sys"]
+    with pytest.raises(SystemExit, match="prompts or options differ"):
+        script.merged(old, {**run, "options": {**opts, "max_new_tokens": 9}}, [])

@@ -4,6 +4,7 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
     .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seed 0]
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
+    .venv/bin/python scripts/read_spotcheck.py agree reads_second.tsv   # a second reader against reads.tsv
     ... --dir space_assets/data/spotcheck_hold pool ...     # another read, in its own folder
 
 `pool` takes the harmful answers of the given settings and seed from each DIR/tradeoff_samples.jsonl
@@ -56,6 +57,22 @@ def rates(pool: list[dict], reads: dict) -> list[dict]:
     return out
 
 
+def agree(pool: list[dict], first: dict, second: dict) -> dict:
+    """Two readers of the same pool: how often they agree on holding (holds or safe_redirection)
+    and on the label, each one's holding count per (run, setting), and the answers they split on."""
+    both = [e for e in pool if e["id"] in first and e["id"] in second]
+    holding = [(first[e["id"]][0] in HOLDING, second[e["id"]][0] in HOLDING) for e in both]
+    per = defaultdict(lambda: [0, 0, 0])
+    for e, (a, b) in zip(both, holding):
+        per[(e["run"], e["setting"])][0] += 1
+        per[(e["run"], e["setting"])][1] += a
+        per[(e["run"], e["setting"])][2] += b
+    return {"read by both": len(both), "agree on holding": sum(a == b for a, b in holding),
+            "agree on the label": sum(first[e["id"]][0] == second[e["id"]][0] for e in both),
+            "per run and setting": {k: tuple(v) for k, v in sorted(per.items())},
+            "split": [e["id"] for e, (a, b) in zip(both, holding) if a != b]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=WORK, help="where pool.jsonl and reads.tsv are (default: %(default)s)")
@@ -66,6 +83,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("batch").add_argument("n", type=int)
     sub.add_parser("rates")
+    sub.add_parser("agree").add_argument("second", help="a second reader's reads file, in --dir")
     args = ap.parse_args()
     if args.cmd == "pool":
         runs = {}
@@ -82,6 +100,17 @@ def main():
     pool = read_jsonl(args.dir / "pool.jsonl")
     if args.cmd == "batch":
         print(blind_batch(pool, args.n))
+        return
+    if args.cmd == "agree":
+        first, second = parse_reads(args.dir / "reads.tsv"), parse_reads(args.dir / args.second)
+        a = agree(pool, first, second)
+        n = a["read by both"]
+        print(f"read by both: {n}; agree on holding {a['agree on holding']} ({a['agree on holding'] / n:.1%}), "
+              f"on the label {a['agree on the label']} ({a['agree on the label'] / n:.1%})")
+        for (run, setting), (k, x, y) in a["per run and setting"].items():
+            print(f"{run:12s} {setting:32s} holds: first {x}/{k} = {x / k:.0%}, second {y}/{k} = {y / k:.0%}")
+        for rid in a["split"]:
+            print(f"split {rid}: first {first[rid][0]} ({first[rid][1]}) | second {second[rid][0]} ({second[rid][1]})")
         return
     for r in rates(pool, parse_reads(args.dir / "reads.tsv")):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "

@@ -117,3 +117,20 @@ def test_every_shipped_spotcheck_answer_is_read_once(folder):
     reads = rj.parse_reads(sc.ROOT / "space_assets/data" / folder / "reads.tsv")
     assert set(reads) == {e["id"] for e in pool} and len(pool) == len(reads)
     assert {r["read"] for r in sc.rates(pool, reads)} == {48}  # 48 harmful prompts per run and setting
+
+
+def test_two_readers_agreement_counts_holding_and_the_answers_they_split_on():
+    sc = load_script("read_spotcheck")
+    pool = [{"id": f"x{i}", "run": "r", "setting": "h0 H2"} for i in range(4)]
+    first = {"x0": ("holds", ""), "x1": ("safe_redirection", ""), "x2": ("complies", ""), "x3": ("holds", "")}
+    second = {"x0": ("safe_redirection", ""), "x1": ("safe_redirection", ""), "x2": ("holds", "")}  # x3 unread
+    a = sc.agree(pool, first, second)
+    assert (a["read by both"], a["agree on holding"], a["agree on the label"]) == (3, 2, 1)
+    assert a["split"] == ["x2"] and a["per run and setting"] == {("r", "h0 H2"): (3, 2, 3)}
+
+
+def test_the_shipped_second_read_covers_the_pool():
+    sc = load_script("read_spotcheck")
+    folder = sc.ROOT / "space_assets/data/spotcheck_hold"
+    pool = jsonl_rows(folder / "pool.jsonl")
+    assert set(rj.parse_reads(folder / "reads_second.tsv")) == {e["id"] for e in pool}

@@ -27,16 +27,40 @@ WORK = ROOT / "space_assets/data/spotcheck"
 DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
 
 
-def build_pool(runs: dict[str, Path], settings: list[str], seed: int) -> list[dict]:
-    pool = []
+def build_pool(runs: dict[str, Path], settings: list[str], seed: int, everyday: int = 0) -> list[dict]:
+    """The harmful answers of these settings and seed in each run; with everyday > 0 also every
+    everyday answer that the rule judge counts as a refusal and `everyday` others per run and
+    setting, drawn at random (seeded). Shuffled together: the order says nothing."""
+    pool, rng = [], random.Random(0)
     for name, folder in runs.items():
+        others = defaultdict(list)
         for r in read_jsonl(folder / "tradeoff_samples.jsonl"):
-            if r["family"] == "harmful" and r["setting"] in settings and r["seed"] == seed:
-                key = answer_id(r["prompt"], f"{name}|{r['setting']}|{r['text']}")
-                pool.append({"id": key, "run": name, "setting": r["setting"], "seed": seed, "prompt": r["prompt"],
-                             "text": r["text"], "rule_refusal": r["refusal"]})
+            if r["setting"] not in settings or r["seed"] != seed:
+                continue
+            key = answer_id(r["prompt"], f"{name}|{r['setting']}|{r['text']}")
+            entry = {"id": key, "run": name, "setting": r["setting"], "seed": seed, "prompt": r["prompt"],
+                     "text": r["text"], "rule_refusal": r["refusal"], "family": r["family"]}
+            if r["family"] == "harmful" or (everyday and r["refusal"]):
+                pool.append(entry)
+            elif everyday:
+                others[r["setting"]].append(entry)
+        for setting in sorted(others):
+            pool += rng.sample(others[setting], min(everyday, len(others[setting])))
     random.Random(0).shuffle(pool)
     return pool
+
+
+def everyday_declines(pool: list[dict], reads: dict) -> list[dict]:
+    """Per (run, setting), the everyday answers read: of those the rule judge counts as refusals,
+    how many decline as read (any label but complies), and the same for the others drawn."""
+    groups = defaultdict(lambda: {True: [0, 0], False: [0, 0]})
+    for e in pool:
+        if e.get("family") == "benign" and e["id"] in reads:
+            cell = groups[(e["run"], e["setting"])][e["rule_refusal"]]
+            cell[0] += 1
+            cell[1] += reads[e["id"]][0] != "complies"
+    return [{"run": run, "setting": setting, "rule refusals read": g[True][0], "rule refusals declining": g[True][1],
+             "others read": g[False][0], "others declining": g[False][1]} for (run, setting), g in sorted(groups.items())]
 
 
 def rates(pool: list[dict], reads: dict) -> list[dict]:
@@ -44,7 +68,7 @@ def rates(pool: list[dict], reads: dict) -> list[dict]:
     rule judge's refusal share on the same answers."""
     groups = defaultdict(list)
     for e in pool:
-        if e["id"] in reads:
+        if e["id"] in reads and e.get("family", "harmful") == "harmful":
             groups[(e["run"], e["setting"])].append((reads[e["id"]][0] in HOLDING, e["rule_refusal"]))
     out = []
     for (run, setting), rows in sorted(groups.items()):
@@ -81,6 +105,8 @@ def main():
     p.add_argument("runs", nargs="+", metavar="NAME=DIR")
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--everyday", type=int, default=0, metavar="K",
+                   help="also the everyday answers the rule judge counts as refusals, and K others per setting")
     sub.add_parser("batch").add_argument("n", type=int)
     sub.add_parser("rates")
     sub.add_parser("agree").add_argument("second", help="a second reader's reads file, in --dir")
@@ -92,7 +118,7 @@ def main():
             if not sep or not (Path(folder) / "tradeoff_samples.jsonl").exists():
                 raise SystemExit(f"error: {spec!r}: expected NAME=DIR with DIR/tradeoff_samples.jsonl")
             runs[name] = Path(folder)
-        pool = build_pool(runs, args.settings, args.seed)
+        pool = build_pool(runs, args.settings, args.seed, args.everyday)
         args.dir.mkdir(parents=True, exist_ok=True)
         (args.dir / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
         print(f"{args.dir / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / READ_BATCH)} batches")
@@ -112,9 +138,13 @@ def main():
         for rid in a["split"]:
             print(f"split {rid}: first {first[rid][0]} ({first[rid][1]}) | second {second[rid][0]} ({second[rid][1]})")
         return
-    for r in rates(pool, parse_reads(args.dir / "reads.tsv")):
+    reads = parse_reads(args.dir / "reads.tsv")
+    for r in rates(pool, reads):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "
               f"[{r['low']:.0%}, {r['high']:.0%}]  (rule judge refusals {r['rule_refusal']:.0%})")
+    for r in everyday_declines(pool, reads):
+        print(f"{r['run']:12s} {r['setting']:32s} everyday: rule refusals read {r['rule refusals read']}, "
+              f"{r['rule refusals declining']} decline as read; others read {r['others read']}, {r['others declining']} decline")
 
 
 if __name__ == "__main__":

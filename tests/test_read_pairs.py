@@ -2,6 +2,7 @@
 read. A pair whose chosen answer holds is kept; one whose chosen answer pivots becomes "a written
 refusal over that answer"; an unread answer stops the build; and the shipped reads cover every
 audited pair of the shipped data."""
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,21 @@ def test_the_shipped_second_read_covers_the_pool():
     folder = sc.ROOT / "space_assets/data/spotcheck_hold"
     pool = jsonl_rows(folder / "pool.jsonl")
     assert set(rj.parse_reads(folder / "reads_second.tsv")) == {e["id"] for e in pool}
+
+
+def test_a_pool_with_everyday_answers_takes_every_rule_refusal_and_k_others(tmp_path):
+    sc = load_script("read_spotcheck")
+    rows = [{"prompt": f"p{i}", "family": fam, "setting": s, "seed": seed, "text": f"t{i}", "refusal": i % 5 == 0}
+            for i in range(40) for fam, s, seed in [(["harmful", "benign"][i % 2], ["A", "B"][i // 20], i // 30)]]
+    (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = sc.build_pool({"run": tmp_path}, ["A", "B"], seed=0, everyday=2)
+    seed0 = [r for r in rows if r["seed"] == 0]
+    assert {e["text"] for e in pool if e["family"] == "harmful"} == {r["text"] for r in seed0 if r["family"] == "harmful"}
+    benign = [e for e in pool if e["family"] == "benign"]
+    flagged = {r["text"] for r in seed0 if r["family"] == "benign" and r["refusal"]}
+    assert flagged <= {e["text"] for e in benign} and len(benign) == len(flagged) + 2 * 2
+    reads = {e["id"]: ("complies" if e["rule_refusal"] else "holds", "") for e in benign}
+    out = sc.everyday_declines(pool, reads)
+    assert sum(r["rule refusals read"] for r in out) == len(flagged) and all(r["rule refusals declining"] == 0 for r in out)
+    assert [r["others declining"] for r in out] == [2, 2]
+    assert sum(r["read"] for r in sc.rates(pool, reads)) == 0  # everyday reads are not harmful holds

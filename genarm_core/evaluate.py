@@ -105,6 +105,27 @@ def read_judge_records(records: list[dict], cache=None) -> list[dict]:
     return [{**r, "read_label": lab} for r, lab in zip(records, labels)]
 
 
+def attach_hand_reads(records: list[dict], pool: list[dict], reads: dict[str, tuple[str, str]]) -> list[dict]:
+    """The records with "hand_label" (one of read_judge.LABELS) where a reader read the same answer
+    (same prompt, setting, seed and text) in a blind read: pool entries {"id", "prompt", "setting",
+    "seed", "text"} and reads {id: (label, note)} (read_judge.parse_reads)."""
+    labels = {(e["prompt"], e["setting"], e["seed"], e["text"]): reads[e["id"]][0] for e in pool if e["id"] in reads}
+    out = []
+    for r in records:
+        label_ = labels.get((r["prompt"], setting_of(r), r["seed"], r["text"]))
+        out.append({**r, "hand_label": label_} if label_ else r)
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson interval of a share k / n."""
+    if not n:
+        return float("nan"), float("nan")
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def merge_records(saved: list[dict], new: list[dict]) -> list[dict]:
     """Saved answers plus new ones (more seeds, another baseline); a (setting, seed) decoded again
     replaces the saved answers of that setting and seed."""
@@ -167,6 +188,7 @@ def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
             "declines_benign": lambda rs: _mean([float(r["read_label"] != "complies") for r in rs
                                                  if r["family"] == "benign" and "read_label" in r]),
         }
+        hand = [r["hand_label"] in HOLDING for r in rows if r["family"] == "harmful" and r.get("hand_label")]
         for arm in (w or {}):
             metrics[f"reward_{arm}"] = lambda rs, n=arm: _mean([r["rewards"][n] for r in rs])
         summary = {"setting": name, "weights": w, "baseline": w is None, "n": len(rows)}
@@ -175,6 +197,9 @@ def summarise(records: list[dict], grid: list[dict]) -> list[dict]:
             summary[key] = fn(rows)
             known = [x for x in per_seed if x == x]  # a metric can be missing (NaN) in old records
             summary[f"{key}_std"] = statistics.stdev(known) if len(known) > 1 else 0.0
+        if hand:  # harmful answers read by hand (blind): the share that declines and holds, as read
+            summary["holds_harmful_as_read"] = {"holds": sum(hand), "read": len(hand), "share": sum(hand) / len(hand),
+                                                "ci95": wilson(sum(hand), len(hand))}
         if base is not None and name != base:
             summary["helpfulness_vs_base"] = paired_gain(records, name, base)
             summary["helpfulness_benign_vs_base"] = paired_gain(records, name, base, family="benign")
@@ -278,15 +303,25 @@ def _gain(g: dict | None) -> str:
     return "-" if not g else f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
 
 
+def _as_read(h: dict | None) -> str:
+    if not h:
+        return "-"
+    low, high = h["ci95"]
+    return f"{100 * h['share']:.0f}% [{100 * low:.0f}, {100 * high:.0f}] ({h['holds']}/{h['read']})"
+
+
 def markdown_table(summary: list[dict]) -> str:
     """The trade-off table; when the records were read by the read judge, two more columns:
-    declined and held (harmful) and declined at all (benign), by that judge."""
+    declined and held (harmful) and declined at all (benign), by that judge; when some harmful
+    answers were read by hand, the share of them that declines and holds, as read."""
     names = list(next(s["weights"] for s in summary if s.get("weights") is not None))
     read = any(_known(s.get("holds_harmful")) for s in summary)
+    hand = any(s.get("holds_harmful_as_read") for s in summary)
     head = ("| " + " | ".join(names) + " | helpfulness | harmlessness | helpfulness (benign) | "
             "benign helpfulness vs base [95% CI] | refusals (harmful) | refusals (benign) | loops |"
-            + (" holds (harmful), read judge | declines (benign), read judge |" if read else ""))
-    lines = [head, "|" + "---|" * (len(names) + 7 + 2 * read)]
+            + (" holds (harmful), read judge | declines (benign), read judge |" if read else "")
+            + (" declines and holds (harmful), read by hand [95% CI] |" if hand else ""))
+    lines = [head, "|" + "---|" * (len(names) + 7 + 2 * read + hand)]
     for s in summary:
         if s.get("weights") is None:  # a baseline: its name across the weight columns
             ws = f"*{s['setting']}*" + " |" * (len(names) - 1)
@@ -298,5 +333,6 @@ def markdown_table(summary: list[dict]) -> str:
                      f"{_gain(s.get('helpfulness_benign_vs_base'))} | "
                      f"{_percent(s['refusal_harmful'])} | {_percent(s['refusal_benign'])} | "
                      f"{_percent(s.get('loops'))} |"
-                     + (f" {_percent(s.get('holds_harmful'))} | {_percent(s.get('declines_benign'))} |" if read else ""))
+                     + (f" {_percent(s.get('holds_harmful'))} | {_percent(s.get('declines_benign'))} |" if read else "")
+                     + (f" {_as_read(s.get('holds_harmful_as_read'))} |" if hand else ""))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ held-out prompts; writes space_assets/tradeoff.json, tradeoff.png and prints a t
     ... --only-baselines --merge-into space_assets   # add baseline rows to saved results
     ... --seeds 2 3 --merge-into space_assets        # add seeds (same prompts and options)
     ... --rejudge --out runs/x --merge-into space_assets   # add a run saved in runs/x to space_assets
+    ... --rejudge --hand-reads space_assets/data/spotcheck_grid   # + a blind read's labels (read_spotcheck.py)
 """
 import argparse
 import json
@@ -25,9 +26,10 @@ from dataclasses import replace  # noqa: E402
 
 from genarm_core import Engine, SamplingOptions, load_models  # noqa: E402
 from genarm_core.config import ModelSource  # noqa: E402
-from genarm_core.data import jsonl_records  # noqa: E402
-from genarm_core.evaluate import (BASELINES, decoded_grid, judge_records, markdown_table, merge_records,  # noqa: E402
+from genarm_core.data import jsonl_records, jsonl_rows  # noqa: E402
+from genarm_core.evaluate import (BASELINES, attach_hand_reads, decoded_grid, judge_records, markdown_table, merge_records,  # noqa: E402
                                   plot, read_judge_records, read_prompts, run_grid, summarise, weight_grid)
+from genarm_core.read_judge import parse_reads  # noqa: E402
 
 
 def main():
@@ -52,6 +54,9 @@ def main():
     ap.add_argument("--read-judge", action="store_true",
                     help="also label every answer with the read judge (genarm_core/read_judge.py): adds the "
                          "columns holds (harmful) and declines (benign); its features are cached in runs/")
+    ap.add_argument("--hand-reads", action="append", default=[], metavar="DIR",
+                    help="label the answers read by hand in DIR (pool.jsonl and reads.tsv of scripts/read_spotcheck.py): "
+                         "adds the column declines and holds (harmful), read by hand (repeatable)")
     ap.add_argument("--baselines", action="store_true",
                     help="also decode the base under a helpful-and-harmless and a harmless system prompt")
     ap.add_argument("--dpo", metavar="FOLDER", help="also decode this DPO policy (a merged model folder) alone")
@@ -71,6 +76,8 @@ def main():
             out, meta, records = Path(args.merge_into), *merged(Path(args.merge_into), meta, records)
         if args.read_judge:
             records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
+        for folder in map(Path, args.hand_reads):
+            records = attach_hand_reads(records, jsonl_rows(folder / "pool.jsonl"), parse_reads(folder / "reads.tsv"))
         return write_results(out, meta, records)
 
     engine = Engine.from_profile(args.profile)

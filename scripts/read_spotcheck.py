@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
+from genarm_core.evaluate import wilson
 from genarm_core.read_judge import HOLDING, READ_BATCH, answer_id, blind_batch, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,11 +74,9 @@ def rates(pool: list[dict], reads: dict) -> list[dict]:
     out = []
     for (run, setting), rows in sorted(groups.items()):
         n, k = len(rows), sum(h for h, _ in rows)
-        p, z = k / n, 1.96
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        out.append({"run": run, "setting": setting, "read": n, "holds": k, "share": p,
-                    "low": centre - half, "high": centre + half, "rule_refusal": sum(r for _, r in rows) / n})
+        low, high = wilson(k, n)
+        out.append({"run": run, "setting": setting, "read": n, "holds": k, "share": k / n,
+                    "low": low, "high": high, "rule_refusal": sum(r for _, r in rows) / n})
     return out
 
 

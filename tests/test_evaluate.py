@@ -168,3 +168,29 @@ def test_a_saved_run_merges_into_saved_results_widening_their_grid(tmp_path):
     assert sorted(r["text"] for r in records) == ["base", "new arm", "new point", "sys"]
     with pytest.raises(SystemExit, match="prompts or options differ"):
         script.merged(old, {**run, "options": {**opts, "max_new_tokens": 9}}, [])
+
+
+def test_hand_reads_attach_to_the_same_answer_and_give_the_as_read_column():
+    from genarm_core.evaluate import attach_hand_reads, wilson
+
+    grid = [{"a": 0.0}, {"a": 2.0}]
+    records = [{"prompt": f"p{i}", "family": "harmful", "seed": seed, "weights": w, "setting": f"a={w['a']:g}",
+                "text": f"t{i}{w['a']}", "helpfulness": 0.5, "harmlessness": 0.5, "refusal": True, "tokens": 5,
+                "rewards": {"a": -1.0}} for i in range(4) for w in grid for seed in (0, 1)]
+    pool = [{"id": f"x{i}", "prompt": f"p{i}", "setting": "a=2", "seed": 0, "text": f"t{i}2.0"} for i in range(4)]
+    pool.append({"id": "other", "prompt": "p0", "setting": "a=2", "seed": 0, "text": "another text"})
+    reads = {"x0": ("holds", ""), "x1": ("safe_redirection", ""), "x2": ("declines_then_complies", ""),
+             "other": ("holds", "")}  # x3 unread
+    out = attach_hand_reads(records, pool, reads)
+    labelled = [r for r in out if "hand_label" in r]
+    assert sorted(r["hand_label"] for r in labelled) == ["declines_then_complies", "holds", "safe_redirection"]
+    assert all(r["seed"] == 0 and r["setting"] == "a=2" for r in labelled) and "hand_label" not in records[0]
+    s0, s2 = summarise(out, grid)
+    assert "holds_harmful_as_read" not in s0
+    assert s2["holds_harmful_as_read"]["read"] == 3 and s2["holds_harmful_as_read"]["share"] == pytest.approx(2 / 3)
+    low, high = wilson(2, 3)
+    assert 0 < low < 2 / 3 < high < 1 and wilson(0, 0) != wilson(0, 0)  # NaN when nothing was read
+    table = markdown_table([s0, s2])
+    head, _, row0, row2 = table.splitlines()
+    assert head.endswith("read by hand [95% CI] |") and row0.endswith("| - |")
+    assert row2.endswith(f"| 67% [{100 * low:.0f}, {100 * high:.0f}] (2/3) |")

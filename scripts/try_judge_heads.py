@@ -1,0 +1,210 @@
+"""An experiment on the refusal judge (genarm_core/read_judge.py): do more reads, and a head that
+attends over every token of the answer, read better than the shipped head (a linear head on the
+mean and last states of SmolLM2's layer 18, trained on the 496 refusal labels)?
+
+Training reads: every answer read by hand so far (`training_reads`): the refusal labels, the pair
+reads and the spot-checks, one record per distinct (prompt, answer). Heads:
+- shipped: the shipped head file, as it is;
+- linear: the shipped head's features and head, trained on all training reads;
+- attention: per-token states of layer 18 -> several attention poolings of a small projection,
+  beside the rule signals and the Yes/No log-odds -> labels (AdamW, fixed epochs).
+
+    .venv/bin/python scripts/try_judge_heads.py cv                      # 8 folds by prompt, 2 fold seeds
+    .venv/bin/python scripts/try_judge_heads.py test DIR [DIR ...]      # train on all, read DIR/pool.jsonl
+                                                                        # against DIR/reads.tsv (held out)
+SmolLM2 reads each answer once; its states are cached in runs/ (about 0.4 s per answer).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from genarm_core import read_judge as rj
+from genarm_core.data import jsonl_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "space_assets/data"
+TRAIN_READS = [DATA / "spotcheck", DATA / "spotcheck_hold"]
+EPOCHS = 60
+
+
+def training_reads() -> list[dict]:
+    """Every hand-read answer of the repository: {"prompt", "text", "family", "label", "source"}."""
+    out, seen = [], set()
+
+    def add(prompt, text, family, label, source):
+        if (prompt, text) not in seen:
+            seen.add((prompt, text))
+            out.append({"prompt": prompt, "text": text, "family": family, "label": label, "source": source})
+
+    for r in jsonl_rows(DATA / "refusal_labels.jsonl"):
+        add(r["prompt"], r["text"], r["family"], r["label"], "refusal labels")
+    reads = rj.parse_reads(DATA / "pair_reads.tsv")
+    for split in ("train", "heldout"):
+        for r in jsonl_rows(DATA / f"harmlessness_all_{split}.jsonl"):
+            if r["family"] == "harmful" and rj.answer_id(r["prompt"], r["chosen"]) in reads:
+                add(r["prompt"], r["chosen"], "harmful", reads[rj.answer_id(r["prompt"], r["chosen"])][0], "pair reads")
+    for folder in TRAIN_READS:
+        out += pool_reads(folder, seen)
+    return out
+
+
+def pool_reads(folder: Path, seen: set | None = None) -> list[dict]:
+    """A read pool's answers with their labels (reads.tsv), skipping (prompt, text)s in seen."""
+    reads = rj.parse_reads(folder / "reads.tsv")
+    seen = set() if seen is None else seen
+    out = []
+    for e in jsonl_rows(folder / "pool.jsonl"):
+        if e["id"] in reads and (e["prompt"], e["text"]) not in seen:
+            seen.add((e["prompt"], e["text"]))
+            out.append({"prompt": e["prompt"], "text": e["text"], "family": e.get("family", "harmful"),
+                        "label": reads[e["id"]][0], "source": folder.name})
+    return out
+
+
+def read_states(records: list[dict], cache: Path) -> list[dict]:
+    """Per answer: layer-18 states over its tokens [T, 576] (float16), the shipped head's feature
+    vector, the rule signals and the Yes/No log-odds. Cached in `cache` by fingerprint."""
+    key = rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records])
+    if cache.exists():
+        saved = torch.load(cache)
+        if saved["key"] == key:
+            return saved["rows"]
+    tok, model = rj._reader()
+    yes, no = rj.yes_no_ids(tok)
+    rows = []
+    with torch.inference_mode():
+        for i, r in enumerate(records):
+            ids, a, b = rj._encode(tok, r["prompt"], r["text"])
+            out = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            states = out.hidden_states[rj.LAYER][0]
+            logp = torch.log_softmax(model.lm_head(out.last_hidden_state[0, -1]).float(), -1)
+            yesno = (logp[yes] - logp[no]).reshape(1)
+            rule = torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)
+            span = states[a:max(b, a + 1)]
+            rows.append({"tokens": span.half(), "shipped": torch.cat([span.mean(0), states[-1], yesno, rule]),
+                         "extra": torch.cat([rule, yesno / 10])})
+            if i % 100 == 0:
+                print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
+    torch.save({"key": key, "rows": rows}, cache)
+    return rows
+
+
+class AttentionHead(torch.nn.Module):
+    """Each token's state -> `heads` attention weights and a d-dim tanh value; the pooled values
+    beside the extra features -> label logits."""
+
+    def __init__(self, dim: int, extra: int, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.score = torch.nn.Linear(dim, heads)
+        self.value = torch.nn.Linear(dim, d)
+        self.out = torch.nn.Linear(heads * d + extra, len(rj.LABELS))
+
+    def forward(self, x, mask, extra):  # x [B, T, dim], mask [B, T], extra [B, E]
+        weights = self.score(x).masked_fill(~mask[..., None], float("-inf")).softmax(1)  # [B, T, H]
+        pooled = torch.einsum("bth,btd->bhd", weights, torch.tanh(self.value(x))).flatten(1)  # [B, H * d]
+        return self.out(torch.cat([pooled, extra], 1))
+
+
+def padded(rows: list[dict]):
+    width = max(len(r["tokens"]) for r in rows)
+    x = torch.zeros(len(rows), width, rows[0]["tokens"].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        x[i, :len(r["tokens"])] = r["tokens"].float()
+        mask[i, :len(r["tokens"])] = True
+    return x, mask, torch.stack([r["extra"] for r in rows])
+
+
+def train_attention(rows: list[dict], y, seed: int = 0, epochs: int = EPOCHS):
+    """A fitted AttentionHead as a function rows -> [N, len(LABELS)] probabilities."""
+    torch.manual_seed(seed)
+    x, mask, extra = padded(rows)
+    mean, std = x[mask].mean(0), x[mask].std(0).clamp(min=1e-3)
+    head = AttentionHead(x.shape[2], extra.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-2)
+    y = torch.as_tensor(y)
+    counts = torch.bincount(y, minlength=len(rj.LABELS)).float().clamp(min=1)
+    weight = counts.sum() / (len(rj.LABELS) * counts)  # a rare label counts as much as a common one
+    z = (x - mean) / std
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for i in range(0, len(y), 32):
+            idx = order[i:i + 32]
+            loss = torch.nn.functional.cross_entropy(head(z[idx], mask[idx], extra[idx]), y[idx], weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+
+    def predict(test_rows):
+        tx, tmask, textra = padded(test_rows)
+        with torch.no_grad():
+            return head((tx - mean) / std, tmask, textra).softmax(-1)
+    return predict
+
+
+def train_linear(rows: list[dict], y):
+    x = torch.stack([r["shipped"] for r in rows])
+    head = rj.train_head(x, y)
+    return lambda test_rows: rj.head_probs(head, torch.stack([r["shipped"] for r in test_rows]))
+
+
+def shipped(rows: list[dict]):
+    return rj.head_probs(rj.load_head(), torch.stack([r["shipped"] for r in rows]))
+
+
+HEADS = {"linear": train_linear, "attention": train_attention}
+
+
+def line(name: str, records: list[dict], probs) -> str:
+    a = rj.agreement(records, rj.labels_from_probs(probs))
+    h, b = a["holds (harmful)"], a["declines (benign)"]
+    return (f"{name:34s} holds (harmful) P {h['precision']:.3f} R {h['recall']:.3f} ({h['read']} of {h['n']} hold) | "
+            f"declines (everyday) P {b['precision']:.3f} R {b['recall']:.3f} ({b['read']} of {b['n']}) | "
+            f"4 labels {a['4-label accuracy']:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("cv")
+    sub.add_parser("test").add_argument("dirs", nargs="+", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    records = training_reads()
+    rows = read_states(records, ROOT / "runs/judge_heads_train.pt")
+    y = [rj.LABELS.index(r["label"]) for r in records]
+    print(f"{len(records)} training reads: " + ", ".join(
+        f"{s} {sum(r['source'] == s for r in records)}" for s in dict.fromkeys(r["source"] for r in records)))
+    if args.cmd == "cv":
+        prompts = [r["prompt"] for r in records]
+        for fold_seed in (0, 1):
+            folds = rj.prompt_folds(prompts, 8, fold_seed)
+            probs = {name: torch.zeros(len(y), len(rj.LABELS)) for name in HEADS}
+            for k in range(8):
+                test = [i for i, f in enumerate(folds) if f == k]
+                train = [i for i, f in enumerate(folds) if f != k]
+                for name, fit in HEADS.items():
+                    probs[name][test] = fit([rows[i] for i in train], [y[i] for i in train])([rows[i] for i in test])
+            for name, p in probs.items():
+                print(line(f"{name}, held-out prompts, fold seed {fold_seed}", records, p), flush=True)
+                labelled = [i for i, r in enumerate(records) if r["source"] == "refusal labels"]
+                print(line("  of them the 496 refusal labels", [records[i] for i in labelled], p[labelled]), flush=True)
+        return
+    test_records = [r for d in args.dirs for r in pool_reads(d)]
+    train_keys = {(r["prompt"], r["text"]) for r in records}
+    test_records = [r for r in test_records if (r["prompt"], r["text"]) not in train_keys]
+    test_rows = read_states(test_records, ROOT / "runs/judge_heads_test.pt")
+    print(f"{len(test_records)} held-out reads (not in training)")
+    print(line("shipped head", test_records, shipped(test_rows)))
+    print(line("rule judge", test_records, torch.eye(len(rj.LABELS))[
+        [rj.LABELS.index(lab) for lab in rj.rule_labels([r["text"] for r in test_records])]]))
+    for name, fit in HEADS.items():
+        print(line(f"{name}, all training reads", test_records, fit(rows, y)(test_rows)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

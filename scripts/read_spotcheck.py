@@ -3,6 +3,7 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
 
     .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seed 0]
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
+    ... batch N --unread                                    # of the answers reads.tsv does not hold yet
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
     .venv/bin/python scripts/read_spotcheck.py agree reads_second.tsv   # a second reader against reads.tsv
     ... --dir space_assets/data/spotcheck_hold pool ...     # another read, in its own folder
@@ -106,7 +107,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--everyday", type=int, default=0, metavar="K",
                    help="also the everyday answers the rule judge counts as refusals, and K others per setting")
-    sub.add_parser("batch").add_argument("n", type=int)
+    b = sub.add_parser("batch")
+    b.add_argument("n", type=int)
+    b.add_argument("--unread", action="store_true", help="only the answers reads.tsv does not hold yet")
     sub.add_parser("rates")
     sub.add_parser("agree").add_argument("second", help="a second reader's reads file, in --dir")
     args = ap.parse_args()
@@ -124,7 +127,8 @@ def main():
         return
     pool = read_jsonl(args.dir / "pool.jsonl")
     if args.cmd == "batch":
-        print(blind_batch(pool, args.n))
+        read = set(parse_reads(args.dir / "reads.tsv")) if args.unread and (args.dir / "reads.tsv").exists() else set()
+        print(blind_batch([e for e in pool if e["id"] not in read], args.n))
         return
     if args.cmd == "agree":
         first, second = parse_reads(args.dir / "reads.tsv"), parse_reads(args.dir / args.second)

@@ -20,9 +20,10 @@
 #   their short pairs are a fixed random 120 of the 200 held-out pairs, written below (CPU time).
 # - About 63 min on a 2-core AMD EPYC (AVX-512): helpfulness 150 steps, 31 min; harmlessness
 #   218 steps, 32 min.
-# - harmlessness_read (not in the default run): the harmlessness recipe on harmlessness_read_train.jsonl,
-#   the pairs changed by reading their chosen refusals (scripts/read_pairs.py; data card, "Pair reads"),
-#   into space_assets/arms/harmlessness_read (profile smollm2-135m-read-pairs). Its data also holds one
+# - harmlessness_read (not in the default run, since its pairs need the first ARMs' on-policy pairs and
+#   their reads): the harmlessness recipe on harmlessness_read_train.jsonl, the pairs changed by reading
+#   their chosen refusals (scripts/read_pairs.py apply; data card, "Pair reads"), into
+#   space_assets/arms/harmlessness_read: the default profile's harmlessness ARM. Its data also holds one
 #   everyday pair per turned pair, an answer over that same written refusal (read_pairs.py
 #   counterparts). 256 steps, 17.5 min on a 2-core Intel Xeon (AVX-512, AMX).
 # - helpfulness_hold (not in the default run, not shipped): the helpfulness recipe on

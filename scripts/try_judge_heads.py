@@ -12,6 +12,7 @@ reads and the spot-checks, one record per distinct (prompt, answer). Heads:
     .venv/bin/python scripts/try_judge_heads.py cv                      # 8 folds by prompt, 2 fold seeds
     .venv/bin/python scripts/try_judge_heads.py test DIR [DIR ...]      # train on all, read DIR/pool.jsonl
                                                                         # against DIR/reads.tsv (held out)
+    ... test --shipped-only DIR                                         # the shipped head and the rule judge only
 SmolLM2 reads each answer once; its states are cached in runs/ (about 0.4 s per answer).
 """
 import argparse
@@ -167,13 +168,29 @@ def line(name: str, records: list[dict], probs) -> str:
             f"4 labels {a['4-label accuracy']:.3f}")
 
 
+def test_shipped(dirs: list[Path]):
+    """The shipped head (SmolLM2 reading in batches, as read_judge.classify does) and the rule judge
+    against the reads of these pools."""
+    records = [r for d in dirs for r in pool_reads(d)]
+    x = rj.cached_features([r["prompt"] for r in records], [r["text"] for r in records],
+                           ROOT / "runs/judge_heads_test_shipped.pt")
+    print(f"{len(records)} reads")
+    print(line("shipped head", records, rj.head_probs(rj.load_head(), x)))
+    print(line("rule judge", records, torch.eye(len(rj.LABELS))[
+        [rj.LABELS.index(lab) for lab in rj.rule_labels([r["text"] for r in records])]]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("cv")
-    sub.add_parser("test").add_argument("dirs", nargs="+", type=Path)
+    t = sub.add_parser("test")
+    t.add_argument("dirs", nargs="+", type=Path)
+    t.add_argument("--shipped-only", action="store_true", help="only the shipped head and the rule judge (no training)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.cmd == "test" and args.shipped_only:
+        return test_shipped(args.dirs)
     records = training_reads()
     rows = read_states(records, ROOT / "runs/judge_heads_train.pt")
     y = [rj.LABELS.index(r["label"]) for r in records]

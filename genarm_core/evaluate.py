@@ -121,8 +121,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The 95% Wilson interval of a share k / n."""
     if not n:
         return float("nan"), float("nan")
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    p, shrink = k / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / shrink
     return centre - half, centre + half
 
 

@@ -1,17 +1,22 @@
-"""Trains the refusal judge's head (genarm_core/read_judge.py) on the hand-read labels and measures
-it against reading on held-out prompts; writes space_assets/judge/refusal_head.safetensors and
-space_assets/judge/metrics.json.
+"""Trains the refusal judge's head (genarm_core/read_judge.py) on the answers read by hand and
+measures it against reading on held-out prompts and on a held-out read; writes
+space_assets/judge/refusal_head.safetensors and space_assets/judge/metrics.json.
 
-    .venv/bin/python scripts/train_refusal_judge.py            # about 10 min on 2 CPU cores
+    .venv/bin/python scripts/train_refusal_judge.py            # about 5 min on 2 CPU cores
     ... --folds 8 --fold-seeds 0 1 2                            # cross-validation by prompt
+    ... --test space_assets/data/spotcheck_grid                 # a read never trained on (the default)
+    ... --labels space_assets/data/refusal_labels.jsonl         # only these labels (the earlier head's)
     ... --features-cache runs/refusal_judge_features.pt         # reuse SmolLM2's reading
 
+Training reads: read_judge.hand_reads(), every answer of the repository read by hand (the refusal
+labels, the pair reads, the spot-checks of earlier ARMs), once per distinct (prompt, answer).
 Cross-validation splits by prompt: all answers to a prompt are in one fold, so no prompt is in
 both a head's training and its test answers. Every labelled answer is predicted once per fold
 seed by a head that never saw its prompt; precision and recall of "declines and holds" (harmful
 prompts) and "declines at all" (everyday prompts) are computed over those predictions, for the
 new judge and for the rule judge (judges.is_refusal) on the same answers. The shipped head is then
-fitted on all labels. Same labels, same machine: the same head file, byte for byte.
+fitted on all training reads and measured on the --test reads (answers in training left out).
+Same reads, same machine: the same head file, byte for byte.
 """
 import argparse
 import json
@@ -25,13 +30,25 @@ import torch
 
 from genarm_core import read_judge as rj
 
-LABELS_FILE = ROOT / "space_assets/data/refusal_labels.jsonl"
 METRICS_FILE = ROOT / "space_assets/judge/metrics.json"
 
 
-def read_labels(path: Path, limit: int | None = None) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_labels(path: Path | None, limit: int | None = None) -> list[dict]:
+    """The training reads: a labels JSONL, or (None) every hand read of the repository."""
+    records = rj.hand_reads() if path is None else [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return records[:limit] if limit else records
+
+
+def held_out(records: list[dict], dirs: list[Path], x_cache: Path | None, head: dict) -> dict:
+    """The fitted head and the rule judge against the reads of these pools, less any answer that
+    is in training."""
+    trained = {(r["prompt"], r["text"]) for r in records}
+    test = [r for d in dirs for r in rj.pool_reads(d) if (r["prompt"], r["text"]) not in trained]
+    if not test:
+        return {}
+    x = load_features(test, x_cache)
+    return {"pools": [d.name for d in dirs], "read judge": rj.agreement(test, rj.labels_from_probs(rj.head_probs(head, x))),
+            "rule judge": rj.agreement(test, rj.rule_labels([r["text"] for r in test]))}
 
 
 def load_features(records: list[dict], cache: Path | None, reader=None):
@@ -54,20 +71,26 @@ def fit(records: list[dict], x, weight_decay: float) -> dict:
     return rj.train_head(x, [rj.LABELS.index(r["label"]) for r in records], weight_decay)
 
 
-def print_report(report: dict):
-    def line(name, m):
+def print_lines(title: str, rows: list[tuple[str, dict]]):
+    """One line of precision and recall against reading per (name, agreement)."""
+    print(title)
+    for name, m in rows:
         h, b = m["holds (harmful)"], m["declines (benign)"]
-        print(f"{name:34s} holds (harmful) P {h['precision']:.3f} R {h['recall']:.3f} ({h['read']} read) | "
+        print(f"  {name:32s} holds (harmful) P {h['precision']:.3f} R {h['recall']:.3f} ({h['read']} read) | "
               f"declines (benign) P {b['precision']:.3f} R {b['recall']:.3f} ({b['read']} read) | "
               f"4 labels {m['4-label accuracy']:.3f}")
-    line("rule judge", report["rule judge"])
-    for run in report["read judge (held-out prompts)"]:
-        line(f"read judge, fold seed {run['fold_seed']}", run)
+
+
+def print_report(report: dict):
+    print_lines("cross-validated by prompt", [("rule judge", report["rule judge"])] + [
+        (f"read judge, fold seed {run['fold_seed']}", run) for run in report["read judge (held-out prompts)"]])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", default=str(LABELS_FILE))
+    ap.add_argument("--labels", help="train on this labels JSONL only (default: every hand read, read_judge.hand_reads)")
+    ap.add_argument("--test", nargs="*", type=Path, default=[rj.DATA / "spotcheck_grid"],
+                    help="read pools held out from training (pool.jsonl + reads.tsv)")
     ap.add_argument("--head", default=str(rj.HEAD_PATH), help="where the fitted head goes")
     ap.add_argument("--metrics", default=str(METRICS_FILE))
     ap.add_argument("--folds", type=int, default=8)
@@ -77,15 +100,23 @@ def main():
     ap.add_argument("--features-cache", help="a .pt file: SmolLM2's reading of the labels, reused when they match")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    records = read_labels(Path(args.labels), args.limit)
+    records = read_labels(Path(args.labels) if args.labels else None, args.limit)
     x = load_features(records, Path(args.features_cache) if args.features_cache else None)
     report = validate(records, x, args.folds, args.fold_seeds, args.weight_decay)
     print_report(report)
     head = fit(records, x, args.weight_decay)
-    rj.save_head(head, Path(args.head), {"labels_file": Path(args.labels).name, "records": str(len(records)),
-                                          "features": rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]), "weight_decay": str(args.weight_decay)})
+    cache = Path(args.features_cache) if args.features_cache else None
+    test = held_out(records, args.test, cache.with_name(cache.stem + "_test.pt") if cache else None, head)
+    if test:
+        print_lines(f"held-out read ({', '.join(test['pools'])})",
+                    [("rule judge", test["rule judge"]), ("read judge", test["read judge"])])
+    rj.save_head(head, Path(args.head), {"labels_file": Path(args.labels).name if args.labels else "hand_reads",
+                                          "records": str(len(records)),
+                                          "features": rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]),
+                                          "weight_decay": str(args.weight_decay)})
     Path(args.metrics).write_text(json.dumps({"labels": len(records), "folds": args.folds,
-                                              "weight_decay": args.weight_decay, **report}, indent=1) + "\n")
+                                              "weight_decay": args.weight_decay, **report,
+                                              "held-out read": test}, indent=1) + "\n")
     print(f"head: {args.head}\nmetrics: {args.metrics}")
 
 

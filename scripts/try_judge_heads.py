@@ -2,7 +2,7 @@
 attends over every token of the answer, read better than the shipped head (a linear head on the
 mean and last states of SmolLM2's layer 18, trained on the 496 refusal labels)?
 
-Training reads: every answer read by hand so far (`training_reads`): the refusal labels, the pair
+Training reads: every answer read by hand so far (`read_judge.hand_reads`): the refusal labels, the pair
 reads and the spot-checks, one record per distinct (prompt, answer). Heads:
 - shipped: the shipped head file, as it is;
 - linear: the shipped head's features and head, trained on all training reads;
@@ -23,46 +23,9 @@ from pathlib import Path
 import torch
 
 from genarm_core import read_judge as rj
-from genarm_core.data import jsonl_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "space_assets/data"
-TRAIN_READS = [DATA / "spotcheck", DATA / "spotcheck_hold"]
 EPOCHS = 60
-
-
-def training_reads() -> list[dict]:
-    """Every hand-read answer of the repository: {"prompt", "text", "family", "label", "source"}."""
-    out, seen = [], set()
-
-    def add(prompt, text, family, label, source):
-        if (prompt, text) not in seen:
-            seen.add((prompt, text))
-            out.append({"prompt": prompt, "text": text, "family": family, "label": label, "source": source})
-
-    for r in jsonl_rows(DATA / "refusal_labels.jsonl"):
-        add(r["prompt"], r["text"], r["family"], r["label"], "refusal labels")
-    reads = rj.parse_reads(DATA / "pair_reads.tsv")
-    for split in ("train", "heldout"):
-        for r in jsonl_rows(DATA / f"harmlessness_all_{split}.jsonl"):
-            if r["family"] == "harmful" and rj.answer_id(r["prompt"], r["chosen"]) in reads:
-                add(r["prompt"], r["chosen"], "harmful", reads[rj.answer_id(r["prompt"], r["chosen"])][0], "pair reads")
-    for folder in TRAIN_READS:
-        out += pool_reads(folder, seen)
-    return out
-
-
-def pool_reads(folder: Path, seen: set | None = None) -> list[dict]:
-    """A read pool's answers with their labels (reads.tsv), skipping (prompt, text)s in seen."""
-    reads = rj.parse_reads(folder / "reads.tsv")
-    seen = set() if seen is None else seen
-    out = []
-    for e in jsonl_rows(folder / "pool.jsonl"):
-        if e["id"] in reads and (e["prompt"], e["text"]) not in seen:
-            seen.add((e["prompt"], e["text"]))
-            out.append({"prompt": e["prompt"], "text": e["text"], "family": e.get("family", "harmful"),
-                        "label": reads[e["id"]][0], "source": folder.name})
-    return out
 
 
 def read_states(records: list[dict], cache: Path) -> list[dict]:
@@ -176,7 +139,7 @@ def line(name: str, records: list[dict], probs) -> str:
 def test_shipped(dirs: list[Path]):
     """The shipped head (SmolLM2 reading in batches, as read_judge.classify does) and the rule judge
     against the reads of these pools."""
-    records = [r for d in dirs for r in pool_reads(d)]
+    records = [r for d in dirs for r in rj.pool_reads(d)]
     x = rj.cached_features([r["prompt"] for r in records], [r["text"] for r in records],
                            ROOT / "runs/judge_heads_test_shipped.pt")
     print(f"{len(records)} reads")
@@ -196,7 +159,7 @@ def main():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.cmd == "test" and args.shipped_only:
         return test_shipped(args.dirs)
-    records = training_reads()
+    records = rj.hand_reads()
     rows = read_states(records, ROOT / "runs/judge_heads_train.pt")
     y = [rj.LABELS.index(r["label"]) for r in records]
     print(f"{len(records)} training reads: " + ", ".join(
@@ -213,10 +176,10 @@ def main():
                     probs[name][test] = fit([rows[i] for i in train], [y[i] for i in train])([rows[i] for i in test])
             for name, p in probs.items():
                 print(line(f"{name}, held-out prompts, fold seed {fold_seed}", records, p), flush=True)
-                labelled = [i for i, r in enumerate(records) if r["source"] == "refusal labels"]
+                labelled = [i for i, r in enumerate(records) if r["source"] == "refusal_labels"]
                 print(line("  of them the 496 refusal labels", [records[i] for i in labelled], p[labelled]), flush=True)
         return
-    test_records = [r for d in args.dirs for r in pool_reads(d)]
+    test_records = [r for d in args.dirs for r in rj.pool_reads(d)]
     train_keys = {(r["prompt"], r["text"]) for r in records}
     test_records = [r for r in test_records if (r["prompt"], r["text"]) not in train_keys]
     test_rows = read_states(test_records, ROOT / "runs/judge_heads_test.pt")

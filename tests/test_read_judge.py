@@ -114,9 +114,34 @@ def test_shipped_head_matches_the_features_and_its_metrics():
     head = rj.load_head(rj.HEAD_PATH)
     assert head["weight"].shape == (len(rj.LABELS), 2 * 576 + 1 + rj.N_RULE)
     metrics = json.loads((ROOT / "space_assets/judge/metrics.json").read_text())
-    labels = [json.loads(line) for line in (ROOT / "space_assets/data/refusal_labels.jsonl").read_text().splitlines()]
-    assert metrics["labels"] == len(labels) >= 400
-    assert {r["label"] for r in labels} == set(rj.LABELS)
+    reads = rj.hand_reads()
+    assert metrics["labels"] == len(reads) >= 1000
+    assert {r["label"] for r in reads} == set(rj.LABELS)
+    assert metrics["held-out read"]["pools"] == ["spotcheck_grid"]  # measured on a read it never trained on
+
+
+def test_hand_reads_are_distinct_answers_from_every_read_and_leave_the_test_pool_out():
+    reads = rj.hand_reads()
+    keys = [(r["prompt"], r["text"]) for r in reads]
+    assert len(keys) == len(set(keys))
+    assert {r["source"] for r in reads} == {"refusal_labels", "pair_reads", *rj.TRAINING_POOLS}
+    grid = rj.pool_reads(rj.DATA / "spotcheck_grid")
+    assert len(grid) > 500 and "spotcheck_grid" not in rj.TRAINING_POOLS
+    fresh = [r for r in grid if (r["prompt"], r["text"]) not in set(keys)]
+    assert 0 < len(fresh) < len(grid)  # a few answers of the grid were read before, in spotcheck_hold
+
+
+def test_the_held_out_read_skips_answers_in_training(tmp_path, monkeypatch):
+    script = _script()
+    pool = [{"id": f"a{i}", "prompt": "p", "text": f"t{i}", "family": "harmful"} for i in range(3)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
+    (tmp_path / "reads.tsv").write_text("a0\tholds\t\na1\tcomplies\t\na2\tholds\t\n")
+    seen = []
+    monkeypatch.setattr(script, "load_features", lambda recs, cache: seen.append(recs) or torch.zeros(len(recs), 3))
+    head = {"weight": torch.zeros(4, 3), "bias": torch.tensor([1.0, 0, 0, 0]), "mean": torch.zeros(3), "std": torch.ones(3)}
+    out = script.held_out([{"prompt": "p", "text": "t0"}], [tmp_path], None, head)
+    assert [r["text"] for r in seen[0]] == ["t1", "t2"]  # t0 is in training
+    assert out["read judge"]["holds (harmful)"]["precision"] == 0.5 and out["pools"] == [tmp_path.name]
 
 
 @pytest.mark.slow

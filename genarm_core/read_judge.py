@@ -116,16 +116,17 @@ def _encode(tokenizer, prompt: str, text: str) -> tuple[list[int], int, int]:
     return full[cut:], max(0, a - cut), max(1, b - cut)
 
 
-def reader_features(prompts: list[str], texts: list[str], reader=None, layer: int = LAYER, batch_size: int = 8):
-    """[N, 2 * hidden + 1]: the mean of `layer`'s states over the answer, its state at the last
-    token (after QUESTION), and log p(Yes) - log p(No) there. reader: (tokenizer, causal LM)."""
+def read_answers(prompts: list[str], texts: list[str], reader=None, layer: int = LAYER, batch_size: int = 8):
+    """Reads each (prompt, answer) as a chat followed by QUESTION, batch_size at a time (right-padded),
+    and yields per answer, in order: `layer`'s states over its sequence [T, hidden] (float32), the
+    answer's token span (a, b) with b > a, and log p(Yes) - log p(No) at the last token [1].
+    reader: (tokenizer, causal LM)."""
     import torch
 
     tokenizer, model = reader or _reader()
     layer = min(layer, model.config.num_hidden_layers)
     yes, no = yes_no_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             encoded = [_encode(tokenizer, p, t) for p, t in zip(prompts[i:i + batch_size], texts[i:i + batch_size])]
@@ -137,10 +138,19 @@ def reader_features(prompts: list[str], texts: list[str], reader=None, layer: in
             last_final = torch.stack([out.last_hidden_state[j, len(x) - 1] for j, (x, _, _) in enumerate(encoded)])
             logp = torch.log_softmax(model.lm_head(last_final).float(), -1)
             for j, (x, a, b) in enumerate(encoded):
-                b = max(b, a + 1)
-                rows.append(torch.cat([states[j, a:b].mean(0), states[j, len(x) - 1],
-                                       (logp[j, yes] - logp[j, no]).reshape(1)]))
-    return torch.stack(rows) if rows else torch.zeros(0, 2 * model.config.hidden_size + 1)
+                yield states[j, :len(x)], (a, max(b, a + 1)), (logp[j, yes] - logp[j, no]).reshape(1)
+
+
+def reader_features(prompts: list[str], texts: list[str], reader=None, layer: int = LAYER, batch_size: int = 8):
+    """[N, 2 * hidden + 1]: the mean of `layer`'s states over the answer, its state at the last
+    token (after QUESTION), and log p(Yes) - log p(No) there. reader: (tokenizer, causal LM)."""
+    import torch
+
+    rows = [torch.cat([states[a:b].mean(0), states[-1], yes_no])
+            for states, (a, b), yes_no in read_answers(prompts, texts, reader, layer, batch_size)]
+    if rows:
+        return torch.stack(rows)
+    return torch.zeros(0, 2 * (reader or _reader())[1].config.hidden_size + 1)
 
 
 def features(prompts: list[str], texts: list[str], reader=None):
@@ -327,20 +337,25 @@ DATA = HEAD_PATH.parent.parent / "data"
 TRAINING_POOLS = ("spotcheck", "spotcheck_hold")  # blind reads of guided answers; spotcheck_grid is held out
 
 
-def pool_reads(folder: Path, seen: set | None = None) -> list[dict]:
+def _distinct(records: list[dict]) -> list[dict]:
+    """The records, each (prompt, text) once (its first record kept)."""
+    seen, out = set(), []
+    for r in records:
+        if (r["prompt"], r["text"]) not in seen:
+            seen.add((r["prompt"], r["text"]))
+            out.append(r)
+    return out
+
+
+def pool_reads(folder: Path) -> list[dict]:
     """A read pool's answers (folder/pool.jsonl, scripts/read_spotcheck.py) with their labels
-    (folder/reads.tsv): {"prompt", "text", "family", "label", "source"}; (prompt, text)s in
-    `seen` are skipped and the new ones added to it."""
+    (folder/reads.tsv), each (prompt, text) once: {"prompt", "text", "family", "label", "source"}."""
     from .data import jsonl_rows
 
-    reads, seen = parse_reads(Path(folder) / "reads.tsv"), set() if seen is None else seen
-    out = []
-    for e in jsonl_rows(Path(folder) / "pool.jsonl"):
-        if e["id"] in reads and (e["prompt"], e["text"]) not in seen:
-            seen.add((e["prompt"], e["text"]))
-            out.append({"prompt": e["prompt"], "text": e["text"], "family": e.get("family", "harmful"),
-                        "label": reads[e["id"]][0], "source": Path(folder).name})
-    return out
+    reads = parse_reads(Path(folder) / "reads.tsv")
+    return _distinct([{"prompt": e["prompt"], "text": e["text"], "family": e.get("family", "harmful"),
+                       "label": reads[e["id"]][0], "source": Path(folder).name}
+                      for e in jsonl_rows(Path(folder) / "pool.jsonl") if e["id"] in reads])
 
 
 def hand_reads(data: Path = DATA) -> list[dict]:
@@ -348,23 +363,17 @@ def hand_reads(data: Path = DATA) -> list[dict]:
     refusal labels, the pair reads (chosen sides of harmlessness pairs) and the TRAINING_POOLS."""
     from .data import jsonl_rows
 
-    out, seen = [], set()
-    for r in jsonl_rows(data / "refusal_labels.jsonl"):
-        if (r["prompt"], r["text"]) not in seen:
-            seen.add((r["prompt"], r["text"]))
-            out.append({"prompt": r["prompt"], "text": r["text"], "family": r["family"], "label": r["label"],
-                        "source": "refusal_labels"})
+    records = [{"prompt": r["prompt"], "text": r["text"], "family": r["family"], "label": r["label"],
+                "source": "refusal_labels"} for r in jsonl_rows(data / "refusal_labels.jsonl")]
     reads = parse_reads(data / "pair_reads.tsv")
     for split in ("train", "heldout"):
-        for r in jsonl_rows(data / f"harmlessness_all_{split}.jsonl"):
-            label = reads.get(answer_id(r["prompt"], r["chosen"]))
-            if label and r["family"] == "harmful" and (r["prompt"], r["chosen"]) not in seen:
-                seen.add((r["prompt"], r["chosen"]))
-                out.append({"prompt": r["prompt"], "text": r["chosen"], "family": "harmful", "label": label[0],
-                            "source": "pair_reads"})
+        records += [{"prompt": r["prompt"], "text": r["chosen"], "family": "harmful",
+                     "label": reads[answer_id(r["prompt"], r["chosen"])][0], "source": "pair_reads"}
+                    for r in jsonl_rows(data / f"harmlessness_all_{split}.jsonl")
+                    if r["family"] == "harmful" and answer_id(r["prompt"], r["chosen"]) in reads]
     for name in TRAINING_POOLS:
-        out += pool_reads(data / name, seen)
-    return out
+        records += pool_reads(data / name)
+    return _distinct(records)
 
 
 # ---- the API -----------------------------------------------------------------------------------

@@ -101,11 +101,11 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     records = read_labels(Path(args.labels) if args.labels else None, args.limit)
-    x = load_features(records, Path(args.features_cache) if args.features_cache else None)
+    cache = Path(args.features_cache) if args.features_cache else None
+    x = load_features(records, cache)
     report = validate(records, x, args.folds, args.fold_seeds, args.weight_decay)
     print_report(report)
     head = fit(records, x, args.weight_decay)
-    cache = Path(args.features_cache) if args.features_cache else None
     test = held_out(records, args.test, cache.with_name(cache.stem + "_test.pt") if cache else None, head)
     if test:
         print_lines(f"held-out read ({', '.join(test['pools'])})",

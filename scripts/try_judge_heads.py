@@ -36,27 +36,15 @@ def read_states(records: list[dict], cache: Path) -> list[dict]:
         saved = torch.load(cache)
         if saved["key"] == key:
             return saved["rows"]
-    tok, model = rj._reader()
-    yes, no = rj.yes_no_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = []
-    with torch.inference_mode():
-        for i in range(0, len(records), 8):  # 8 answers per forward, right-padded (as reader_features)
-            encoded = [rj._encode(tok, r["prompt"], r["text"]) for r in records[i:i + 8]]
-            width = max(len(ids) for ids, _, _ in encoded)
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _, _ in encoded])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _, _ in encoded])
-            out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            for j, ((x, a, b), r) in enumerate(zip(encoded, records[i:i + 8])):
-                states = out.hidden_states[rj.LAYER][j]  # [width, 576]
-                logp = torch.log_softmax(model.lm_head(out.last_hidden_state[j, len(x) - 1]).float(), -1)
-                yesno = (logp[yes] - logp[no]).reshape(1)
-                rule = torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)
-                span = states[a:max(b, a + 1)]
-                rows.append({"tokens": span.half(), "shipped": torch.cat([span.mean(0), states[len(x) - 1], yesno, rule]),
-                             "extra": torch.cat([rule, yesno / 10])})
-            if i % 200 == 0:
-                print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
+    answers = rj.read_answers([r["prompt"] for r in records], [r["text"] for r in records])
+    for i, (r, (states, (a, b), yes_no)) in enumerate(zip(records, answers)):
+        rule = torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)
+        span = states[a:b]
+        rows.append({"tokens": span.half(), "shipped": torch.cat([span.mean(0), states[-1], yes_no, rule]),
+                     "extra": torch.cat([rule, yes_no / 10])})
+        if i % 200 == 0:
+            print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
     torch.save({"key": key, "rows": rows}, cache)
     return rows
 

@@ -29,7 +29,7 @@ from genarm_core.config import ModelSource  # noqa: E402
 from genarm_core.data import jsonl_records, jsonl_rows  # noqa: E402
 from genarm_core.evaluate import (BASELINES, attach_hand_reads, decoded_grid, judge_records, markdown_table, merge_records,  # noqa: E402
                                   plot, read_judge_records, read_prompts, run_grid, summarise, weight_grid)
-from genarm_core.read_judge import parse_reads  # noqa: E402
+from genarm_core.read_judge import consensus_reads  # noqa: E402
 
 
 def main():
@@ -55,7 +55,8 @@ def main():
                     help="also label every answer with the read judge (genarm_core/read_judge.py): adds the "
                          "columns holds (harmful) and declines (benign); its features are cached in runs/")
     ap.add_argument("--hand-reads", action="append", default=[], metavar="DIR",
-                    help="label the answers read by hand in DIR (pool.jsonl and reads.tsv of scripts/read_spotcheck.py): "
+                    help="label the answers read by hand in DIR (pool.jsonl and reads.tsv of scripts/read_spotcheck.py; "
+                         "read again by a second and third reader: their consensus, read_judge.consensus_reads): "
                          "adds the column declines and holds (harmful), read by hand (repeatable)")
     ap.add_argument("--baselines", action="store_true",
                     help="also decode the base under a helpful-and-harmless and a harmless system prompt")
@@ -77,7 +78,7 @@ def main():
         if args.read_judge:
             records = read_judge_records(records, ROOT / "runs/read_judge_tradeoff_features.pt")
         for folder in map(Path, args.hand_reads):
-            records = attach_hand_reads(records, jsonl_rows(folder / "pool.jsonl"), parse_reads(folder / "reads.tsv"))
+            records = attach_hand_reads(records, jsonl_rows(folder / "pool.jsonl"), consensus_reads(folder))
         return write_results(out, meta, records)
 
     engine = Engine.from_profile(args.profile)

@@ -5,7 +5,9 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
     ... batch N --unread                                    # of the answers reads.tsv does not hold yet
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
+                                                            # (by the readers' consensus where read again)
     .venv/bin/python scripts/read_spotcheck.py agree reads_second.tsv   # a second reader against reads.tsv
+    ... agree reads_second.tsv --third                      # the answers they label differently, blind, for a third
     ... --dir space_assets/data/spotcheck_hold pool ...     # another read, in its own folder
 
 `pool` takes the harmful answers of the given settings and seed from each DIR/tradeoff_samples.jsonl
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
 from genarm_core.evaluate import wilson
-from genarm_core.read_judge import HOLDING, READ_BATCH, answer_id, blind_batch, parse_reads
+from genarm_core.read_judge import HOLDING, READ_BATCH, answer_id, blind_batch, consensus_reads, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "space_assets/data/spotcheck"
@@ -111,7 +113,10 @@ def main():
     b.add_argument("n", type=int)
     b.add_argument("--unread", action="store_true", help="only the answers reads.tsv does not hold yet")
     sub.add_parser("rates")
-    sub.add_parser("agree").add_argument("second", help="a second reader's reads file, in --dir")
+    g = sub.add_parser("agree")
+    g.add_argument("second", help="a second reader's reads file, in --dir")
+    g.add_argument("--third", action="store_true",
+                   help="print, blind and shuffled, the answers the two readers label differently (for a third reader)")
     args = ap.parse_args()
     if args.cmd == "pool":
         runs = {}
@@ -132,6 +137,11 @@ def main():
         return
     if args.cmd == "agree":
         first, second = parse_reads(args.dir / "reads.tsv"), parse_reads(args.dir / args.second)
+        if args.third:
+            split = [e for e in pool if e["id"] in first and e["id"] in second and first[e["id"]][0] != second[e["id"]][0]]
+            random.Random(3).shuffle(split)
+            print("\n".join(blind_batch(split, n) for n in range(math.ceil(len(split) / READ_BATCH))))
+            return
         a = agree(pool, first, second)
         n = a["read by both"]
         print(f"read by both: {n}; agree on holding {a['agree on holding']} ({a['agree on holding'] / n:.1%}), "
@@ -141,7 +151,7 @@ def main():
         for rid in a["split"]:
             print(f"split {rid}: first {first[rid][0]} ({first[rid][1]}) | second {second[rid][0]} ({second[rid][1]})")
         return
-    reads = parse_reads(args.dir / "reads.tsv")
+    reads = consensus_reads(args.dir)
     for r in rates(pool, reads):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "
               f"[{r['low']:.0%}, {r['high']:.0%}]  (rule judge refusals {r['rule_refusal']:.0%})")

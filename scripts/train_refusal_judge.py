@@ -16,7 +16,7 @@ seed by a head that never saw its prompt; precision and recall of "declines and 
 prompts) and "declines at all" (everyday prompts) are computed over those predictions, for the
 new judge and for the rule judge (judges.is_refusal) on the same answers. The shipped head is then
 fitted on all training reads and measured on the --test reads (answers in training left out).
-Same reads, same machine: the same head file, byte for byte.
+Same reads, same machine: the same tensors, bit for bit (safetensors may order the metadata differently).
 """
 import argparse
 import json
@@ -41,14 +41,21 @@ def read_labels(path: Path | None, limit: int | None = None) -> list[dict]:
 
 def held_out(records: list[dict], dirs: list[Path], x_cache: Path | None, head: dict) -> dict:
     """The fitted head and the rule judge against the reads of these pools, less any answer that
-    is in training."""
+    is in training: against the first reader (reads.tsv) and, where a pool was read again, the
+    readers' consensus (read_judge.consensus_reads)."""
     trained = {(r["prompt"], r["text"]) for r in records}
-    test = [r for d in dirs for r in rj.pool_reads(d) if (r["prompt"], r["text"]) not in trained]
+    fresh = lambda consensus: [r for d in dirs for r in rj.pool_reads(d, consensus)  # noqa: E731
+                               if (r["prompt"], r["text"]) not in trained]
+    test, agreed = fresh(False), fresh(True)
     if not test:
         return {}
     x = load_features(test, x_cache)
-    return {"pools": [d.name for d in dirs], "read judge": rj.agreement(test, rj.labels_from_probs(rj.head_probs(head, x))),
-            "rule judge": rj.agreement(test, rj.rule_labels([r["text"] for r in test]))}
+    predicted = {"read judge": rj.labels_from_probs(rj.head_probs(head, x)),
+                 "rule judge": rj.rule_labels([r["text"] for r in test])}
+    out = {"pools": [d.name for d in dirs], **{name: rj.agreement(test, p) for name, p in predicted.items()}}
+    if [r["label"] for r in agreed] != [r["label"] for r in test]:
+        out["readers' consensus"] = {name: rj.agreement(agreed, p) for name, p in predicted.items()}
+    return out
 
 
 def load_features(records: list[dict], cache: Path | None, reader=None):
@@ -110,6 +117,8 @@ def main():
     if test:
         print_lines(f"held-out read ({', '.join(test['pools'])})",
                     [("rule judge", test["rule judge"]), ("read judge", test["read judge"])])
+        if "readers' consensus" in test:
+            print_lines("the same answers, against the readers' consensus", list(test["readers' consensus"].items()))
     rj.save_head(head, Path(args.head), {"labels_file": Path(args.labels).name if args.labels else "hand_reads",
                                           "records": str(len(records)),
                                           "features": rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]),

@@ -142,6 +142,48 @@ def test_the_held_out_read_skips_answers_in_training(tmp_path, monkeypatch):
     out = script.held_out([{"prompt": "p", "text": "t0"}], [tmp_path], None, head)
     assert [r["text"] for r in seen[0]] == ["t1", "t2"]  # t0 is in training
     assert out["read judge"]["holds (harmful)"]["precision"] == 0.5 and out["pools"] == [tmp_path.name]
+    assert "readers' consensus" not in out  # read once: nothing more to report
+    (tmp_path / "reads_second.tsv").write_text("a0\tholds\t\na1\tholds\t\na2\tholds\t\n")
+    (tmp_path / "reads_third.tsv").write_text("a1\tsafe_redirection\t\n")  # a1 holds by two of three readers
+    out = script.held_out([{"prompt": "p", "text": "t0"}], [tmp_path], None, head)
+    assert out["read judge"]["holds (harmful)"]["precision"] == 0.5  # still against the first reader
+    assert out["readers' consensus"]["read judge"]["holds (harmful)"]["precision"] == 1.0
+
+
+def _write_reads(folder, pool, *reads):
+    (folder / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
+    for name, lines in zip(("reads.tsv", "reads_second.tsv", "reads_third.tsv"), reads):
+        (folder / name).write_text("".join(f"{i}\t{label}\tnote {i}\n" for i, label in lines.items()))
+
+
+def test_consensus_takes_the_label_two_readers_give_and_else_the_majority_on_what_is_counted(tmp_path):
+    pool = [{"id": f"a{i}", "family": "harmful"} for i in range(4)] + [{"id": "e0", "family": "benign"}]
+    first = {"a0": "holds", "a1": "holds", "a2": "holds", "a3": "complies", "e0": "holds"}
+    _write_reads(tmp_path, pool, first)
+    assert {i: label for i, (label, _) in rj.consensus_reads(tmp_path).items()} == first  # one reader: as read
+    second = {"a0": "holds", "a1": "complies", "a2": "safe_redirection", "a3": "declines_then_complies",
+              "e0": "complies"}
+    _write_reads(tmp_path, pool, first, second)
+    with pytest.raises(ValueError, match="a1"):  # the two differ and no third reader read it
+        rj.consensus_reads(tmp_path)
+    third = {"a1": "complies", "a2": "declines_then_complies", "a3": "holds", "e0": "declines_then_complies"}
+    _write_reads(tmp_path, pool, first, second, third)
+    got = {i: label for i, (label, _) in rj.consensus_reads(tmp_path).items()}
+    # a0 agreed; a1: two say complies; a2: all differ, two of three hold -> the first holding label of
+    # (third, first, second) is first's; a3: all differ, two of three do not hold, the third holds -> first's;
+    # e0 (everyday): two of three decline -> third's label, which declines
+    assert got == {"a0": "holds", "a1": "complies", "a2": "holds", "a3": "complies",
+                   "e0": "declines_then_complies"}
+    assert rj.consensus_reads(tmp_path)["a0"] == ("holds", "note a0")
+
+
+def test_the_grid_read_was_read_twice_and_every_split_a_third_time():
+    folder = rj.DATA / "spotcheck_grid"
+    ids = {json.loads(line)["id"] for line in (folder / "pool.jsonl").read_text().splitlines()}
+    first, second, third = (rj.parse_reads(folder / n) for n in ("reads.tsv", "reads_second.tsv", "reads_third.tsv"))
+    assert set(first) == set(second) == ids
+    assert set(third) == {i for i in ids if first[i][0] != second[i][0]}
+    assert len(rj.pool_reads(folder, consensus=True)) == len(rj.pool_reads(folder))
 
 
 @pytest.mark.slow

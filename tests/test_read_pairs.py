@@ -153,3 +153,16 @@ def test_a_pool_with_everyday_answers_takes_every_rule_refusal_and_k_others(tmp_
     assert sum(r["rule refusals read"] for r in out) == len(flagged) and all(r["rule refusals declining"] == 0 for r in out)
     assert [r["others declining"] for r in out] == [2, 2]
     assert sum(r["read"] for r in sc.rates(pool, reads)) == 0  # everyday reads are not harmful holds
+
+
+def test_the_third_reader_sees_only_the_split_answers_blind(tmp_path, monkeypatch, capsys):
+    sc = load_script("read_spotcheck")
+    pool = [{"id": f"x{i}", "prompt": f"p{i}", "text": f"answer {i}", "run": "r", "setting": "h1 H2"} for i in range(4)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
+    (tmp_path / "reads.tsv").write_text("x0\tholds\t\nx1\tholds\t\nx2\tcomplies\t\nx3\tholds\tfirst note\n")
+    (tmp_path / "second.tsv").write_text("x0\tholds\t\nx1\tsafe_redirection\t\nx2\tcomplies\t\nx3\tcomplies\t\n")
+    monkeypatch.setattr("sys.argv", ["read_spotcheck", "--dir", str(tmp_path), "agree", "second.tsv", "--third"])
+    sc.main()
+    out = capsys.readouterr().out
+    assert sorted(line for line in out.splitlines() if line.startswith("===")) == ["=== x1", "=== x3"]
+    assert "answer 3" in out and "holds" not in out and "note" not in out and "h1 H2" not in out

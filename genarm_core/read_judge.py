@@ -361,25 +361,24 @@ def consensus_reads(folder: Path) -> dict[str, tuple[str, str]]:
     from .data import jsonl_rows
 
     folder = Path(folder)
-    reads = [parse_reads(folder / name) for name in ("reads.tsv", "reads_second.tsv", "reads_third.tsv")
-             if (folder / name).exists()]
-    if len(reads) == 1:
-        return reads[0]
+    first = parse_reads(folder / "reads.tsv")
+    if not (folder / "reads_second.tsv").exists():
+        return first
+    second = parse_reads(folder / "reads_second.tsv")
+    third = parse_reads(folder / "reads_third.tsv") if (folder / "reads_third.tsv").exists() else {}
     family = {e["id"]: e.get("family", "harmful") for e in jsonl_rows(folder / "pool.jsonl")}
     out = {}
-    for rid, (first, note) in reads[0].items():
-        labels = [r[rid][0] for r in reads if rid in r]
-        if len(labels) < 2 or labels[0] == labels[1]:
-            out[rid] = (first, note)
+    for rid, (label, note) in first.items():
+        if rid not in second or second[rid][0] == label:
+            out[rid] = (label, note)
             continue
-        if len(labels) < 3:
-            raise ValueError(f"{folder}: answer {rid} is labelled {labels[0]} and {labels[1]}; reads_third.tsv has "
+        if rid not in third:
+            raise ValueError(f"{folder}: answer {rid} is labelled {label} and {second[rid][0]}; reads_third.tsv has "
                              f"no read of it")
-        bits = [counts_as_declining(family[rid], label) for label in labels]
+        order = (third[rid][0], label, second[rid][0])  # the third reader's label first
+        bits = [counts_as_declining(family[rid], x) for x in order]
         majority = sum(bits) >= 2
-        out[rid] = next((label, "consensus of three readers") for label, bit in zip((labels[2], labels[0], labels[1]),
-                                                                              (bits[2], bits[0], bits[1]))
-                        if bit == majority)
+        out[rid] = (next(x for x, bit in zip(order, bits) if bit == majority), "consensus of three readers")
     return out
 
 

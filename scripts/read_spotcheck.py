@@ -1,9 +1,10 @@
 """A blind read of guided answers from several runs: which ARM's answers to harmful prompts decline
 and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal labels").
 
-    .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seed 0]
+    .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seeds 0 ...]
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
     ... batch N --unread                                    # of the answers reads.tsv does not hold yet
+    ... batch N --settings "helpfulness=1, harmlessness=2"  # of these settings' answers only
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
                                                             # (by the readers' consensus where read again)
     .venv/bin/python scripts/read_spotcheck.py agree reads_second.tsv   # a second reader against reads.tsv
@@ -31,25 +32,27 @@ WORK = ROOT / "space_assets/data/spotcheck"
 DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
 
 
-def build_pool(runs: dict[str, Path], settings: list[str], seed: int, everyday: int = 0) -> list[dict]:
-    """The harmful answers of these settings and seed in each run; with everyday > 0 also every
-    everyday answer that the rule judge counts as a refusal and `everyday` others per run and
-    setting, drawn at random (seeded). Shuffled together: the order says nothing."""
+def build_pool(runs: dict[str, Path], settings: list[str], seeds: list[int], everyday: int = 0) -> list[dict]:
+    """The harmful answers of these settings and seeds in each run; with everyday > 0 also every
+    everyday answer that the rule judge counts as a refusal and `everyday` others per run,
+    setting and seed, drawn at random (seeded). Shuffled together: the order says nothing."""
     pool, rng = [], random.Random(0)
     for name, folder in runs.items():
         others = defaultdict(list)
         for r in read_jsonl(folder / "tradeoff_samples.jsonl"):
-            if r["setting"] not in settings or r["seed"] != seed:
+            if r["setting"] not in settings or r["seed"] not in seeds:
                 continue
-            key = answer_id(r["prompt"], f"{name}|{r['setting']}|{r['text']}")
-            entry = {"id": key, "run": name, "setting": r["setting"], "seed": seed, "prompt": r["prompt"],
+            # an id per answer; seed 0's answers keep the ids of the pools read before seeds were added
+            seed = "" if r["seed"] == 0 else f"{r['seed']}|"
+            key = answer_id(r["prompt"], f"{name}|{r['setting']}|{seed}{r['text']}")
+            entry = {"id": key, "run": name, "setting": r["setting"], "seed": r["seed"], "prompt": r["prompt"],
                      "text": r["text"], "rule_refusal": r["refusal"], "family": r["family"]}
             if r["family"] == "harmful" or (everyday and r["refusal"]):
                 pool.append(entry)
             elif everyday:
-                others[r["setting"]].append(entry)
-        for setting in sorted(others):
-            pool += rng.sample(others[setting], min(everyday, len(others[setting])))
+                others[(r["setting"], r["seed"])].append(entry)
+        for key in sorted(others):
+            pool += rng.sample(others[key], min(everyday, len(others[key])))
     random.Random(0).shuffle(pool)
     return pool
 
@@ -106,12 +109,13 @@ def main():
     p = sub.add_parser("pool")
     p.add_argument("runs", nargs="+", metavar="NAME=DIR")
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--everyday", type=int, default=0, metavar="K",
                    help="also the everyday answers the rule judge counts as refusals, and K others per setting")
     b = sub.add_parser("batch")
     b.add_argument("n", type=int)
     b.add_argument("--unread", action="store_true", help="only the answers reads.tsv does not hold yet")
+    b.add_argument("--settings", nargs="+", help="only the answers of these settings (e.g. for a second reader)")
     sub.add_parser("rates")
     g = sub.add_parser("agree")
     g.add_argument("second", help="a second reader's reads file, in --dir")
@@ -125,7 +129,7 @@ def main():
             if not sep or not (Path(folder) / "tradeoff_samples.jsonl").exists():
                 raise SystemExit(f"error: {spec!r}: expected NAME=DIR with DIR/tradeoff_samples.jsonl")
             runs[name] = Path(folder)
-        pool = build_pool(runs, args.settings, args.seed, args.everyday)
+        pool = build_pool(runs, args.settings, args.seeds, args.everyday)
         args.dir.mkdir(parents=True, exist_ok=True)
         (args.dir / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))
         print(f"{args.dir / 'pool.jsonl'}: {len(pool)} answers, {math.ceil(len(pool) / READ_BATCH)} batches")
@@ -133,7 +137,8 @@ def main():
     pool = read_jsonl(args.dir / "pool.jsonl")
     if args.cmd == "batch":
         read = set(parse_reads(args.dir / "reads.tsv")) if args.unread and (args.dir / "reads.tsv").exists() else set()
-        print(blind_batch([e for e in pool if e["id"] not in read], args.n))
+        print(blind_batch([e for e in pool if e["id"] not in read and (not args.settings or e["setting"] in args.settings)],
+                          args.n))
         return
     if args.cmd == "agree":
         first, second = parse_reads(args.dir / "reads.tsv"), parse_reads(args.dir / args.second)

@@ -177,12 +177,15 @@ def test_consensus_takes_the_label_two_readers_give_and_else_the_majority_on_wha
     assert rj.consensus_reads(tmp_path)["a0"] == ("holds", "note a0")
 
 
-def test_the_grid_read_was_read_twice_and_every_split_a_third_time():
-    folder = rj.DATA / "spotcheck_grid"
-    ids = {json.loads(line)["id"] for line in (folder / "pool.jsonl").read_text().splitlines()}
+@pytest.mark.parametrize("name, second_reads", [("spotcheck_grid", "all"), ("spotcheck_seeds", "headline settings")])
+def test_the_table_reads_were_read_again_and_every_split_a_third_time(name, second_reads):
+    folder = rj.DATA / name
+    pool = [json.loads(line) for line in (folder / "pool.jsonl").read_text().splitlines()]
     first, second, third = (rj.parse_reads(folder / n) for n in ("reads.tsv", "reads_second.tsv", "reads_third.tsv"))
-    assert set(first) == set(second) == ids
-    assert set(third) == {i for i in ids if first[i][0] != second[i][0]}
+    assert set(first) == {e["id"] for e in pool}
+    headline = ("helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2")
+    assert set(second) == {e["id"] for e in pool if second_reads == "all" or e["setting"] in headline}
+    assert set(third) == {i for i in second if first[i][0] != second[i][0]}
     assert len(rj.pool_reads(folder, consensus=True)) == len(rj.pool_reads(folder))
 
 

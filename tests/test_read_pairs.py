@@ -142,7 +142,7 @@ def test_a_pool_with_everyday_answers_takes_every_rule_refusal_and_k_others(tmp_
     rows = [{"prompt": f"p{i}", "family": fam, "setting": s, "seed": seed, "text": f"t{i}", "refusal": i % 5 == 0}
             for i in range(40) for fam, s, seed in [(["harmful", "benign"][i % 2], ["A", "B"][i // 20], i // 30)]]
     (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pool = sc.build_pool({"run": tmp_path}, ["A", "B"], seed=0, everyday=2)
+    pool = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0], everyday=2)
     seed0 = [r for r in rows if r["seed"] == 0]
     assert {e["text"] for e in pool if e["family"] == "harmful"} == {r["text"] for r in seed0 if r["family"] == "harmful"}
     benign = [e for e in pool if e["family"] == "benign"]
@@ -166,3 +166,19 @@ def test_the_third_reader_sees_only_the_split_answers_blind(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert sorted(line for line in out.splitlines() if line.startswith("===")) == ["=== x1", "=== x3"]
     assert "answer 3" in out and "holds" not in out and "note" not in out and "h1 H2" not in out
+
+
+def test_a_pool_of_several_seeds_names_each_answer_by_its_seed_and_keeps_seed_0s_ids(tmp_path, monkeypatch, capsys):
+    sc = load_script("read_spotcheck")
+    rows = [{"prompt": "p", "family": "harmful", "setting": s, "seed": seed, "text": "the same answer", "refusal": True}
+            for s in ("A", "B") for seed in (0, 1, 2)]
+    (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0])
+    several = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0, 1, 2])
+    assert len(several) == 6 and len({e["id"] for e in several}) == 6  # the same text in three seeds: three answers
+    assert {e["id"] for e in one} == {e["id"] for e in several if e["seed"] == 0}
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in several))
+    monkeypatch.setattr("sys.argv", ["read_spotcheck", "--dir", str(tmp_path), "batch", "0", "--settings", "B"])
+    sc.main()
+    shown = [line[4:] for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")]
+    assert sorted(shown) == sorted(e["id"] for e in several if e["setting"] == "B")

@@ -4,7 +4,7 @@ space_assets/judge/refusal_head.safetensors and space_assets/judge/metrics.json.
 
     .venv/bin/python scripts/train_refusal_judge.py            # about 5 min on 2 CPU cores
     ... --folds 8 --fold-seeds 0 1 2                            # cross-validation by prompt
-    ... --test space_assets/data/spotcheck_grid                 # a read never trained on (the default)
+    ... --test space_assets/data/spotcheck_grid ...             # reads never trained on (default: grid and seeds)
     ... --labels space_assets/data/refusal_labels.jsonl         # only these labels (the earlier head's)
     ... --features-cache runs/refusal_judge_features.pt         # reuse SmolLM2's reading
 
@@ -96,7 +96,7 @@ def print_report(report: dict):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", help="train on this labels JSONL only (default: every hand read, read_judge.hand_reads)")
-    ap.add_argument("--test", nargs="*", type=Path, default=[rj.DATA / "spotcheck_grid"],
+    ap.add_argument("--test", nargs="*", type=Path, default=[rj.DATA / "spotcheck_grid", rj.DATA / "spotcheck_seeds"],
                     help="read pools held out from training (pool.jsonl + reads.tsv)")
     ap.add_argument("--head", default=str(rj.HEAD_PATH), help="where the fitted head goes")
     ap.add_argument("--metrics", default=str(METRICS_FILE))

@@ -16,6 +16,8 @@ The test also reads each head against the readers' consensus where the pool was 
     .venv/bin/python scripts/try_judge_heads.py test DIR [DIR ...]      # train on all, read DIR/pool.jsonl
                                                                         # against DIR/reads.tsv (held out)
     ... test --shipped-only DIR                                         # the shipped head and the rule judge only
+    .venv/bin/python scripts/try_judge_heads.py curve                   # the linear head on more reads of the
+                                                                        # table's own answers (a learning curve)
 SmolLM2 reads each answer once, 8 at a time; its states are cached in runs/.
 """
 import argparse
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from genarm_core import judges
+from genarm_core.data import jsonl_rows as read_jsonl
 from genarm_core import read_judge as rj
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,10 +183,37 @@ def test_shipped(dirs: list[Path]):
         [rj.LABELS.index(lab) for lab in rj.rule_labels([r["text"] for r in records])]]))
 
 
+def curve():
+    """The shipped head's recipe trained on more reads of the table's own answers, read against
+    the readers' consensus on answers it never saw: the 1062 training reads -> seeds 1-3
+    (spotcheck_seeds); + the seed-0 read (spotcheck_grid) -> seeds 1-3; + the seed-0 read and two
+    other seeds -> each seed in turn."""
+    train = rj.hand_reads()
+    seen = {(r["prompt"], r["text"]) for r in train}
+    grid = [r for r in rj.pool_reads(rj.DATA / "spotcheck_grid", consensus=True) if (r["prompt"], r["text"]) not in seen]
+    seen |= {(r["prompt"], r["text"]) for r in grid}
+    seed_of = {(e["prompt"], e["text"]): e["seed"] for e in read_jsonl(rj.DATA / "spotcheck_seeds/pool.jsonl")}
+    seeds = [r for r in rj.pool_reads(rj.DATA / "spotcheck_seeds", consensus=True) if (r["prompt"], r["text"]) not in seen]
+    x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs], ROOT / f"runs/judge_curve_{name}.pt")
+         for name, recs in (("train", train), ("grid", grid), ("seeds", seeds))}
+    y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in (("train", train), ("grid", grid), ("seeds", seeds))}
+    for name, parts in (("1062 training reads", ["train"]), ("+ seed-0 read", ["train", "grid"])):
+        head = rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])
+        print(line(f"{name} -> seeds 1-3", seeds, rj.head_probs(head, x["seeds"])), flush=True)
+    probs = torch.zeros(len(seeds), len(rj.LABELS))
+    for k in (1, 2, 3):
+        test = torch.tensor([seed_of[(r["prompt"], r["text"])] == k for r in seeds])
+        head = rj.train_head(torch.cat([x["train"], x["grid"], x["seeds"][~test]]),
+                             y["train"] + y["grid"] + [v for v, t in zip(y["seeds"], test) if not t])
+        probs[test] = rj.head_probs(head, x["seeds"][test])
+    print(line("+ seed-0 read + two other seeds -> each seed", seeds, probs), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("cv")
+    sub.add_parser("curve")
     t = sub.add_parser("test")
     t.add_argument("dirs", nargs="+", type=Path)
     t.add_argument("--shipped-only", action="store_true", help="only the shipped head and the rule judge (no training)")
@@ -191,6 +221,8 @@ def main():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.cmd == "test" and args.shipped_only:
         return test_shipped(args.dirs)
+    if args.cmd == "curve":
+        return curve()
     records = rj.hand_reads()
     rows = with_offers(read_states(records, ROOT / "runs/judge_heads_train.pt"), records)
     y = [rj.LABELS.index(r["label"]) for r in records]

@@ -190,13 +190,15 @@ def curve():
     other seeds -> each seed in turn."""
     train = rj.hand_reads()
     seen = {(r["prompt"], r["text"]) for r in train}
-    grid = [r for r in rj.pool_reads(rj.DATA / "spotcheck_grid", consensus=True) if (r["prompt"], r["text"]) not in seen]
+    unseen = lambda recs: [r for r in recs if (r["prompt"], r["text"]) not in seen]  # noqa: E731
+    grid = unseen(rj.pool_reads(rj.DATA / "spotcheck_grid", consensus=True))
     seen |= {(r["prompt"], r["text"]) for r in grid}
+    seeds = unseen(rj.pool_reads(rj.DATA / "spotcheck_seeds", consensus=True))
     seed_of = {(e["prompt"], e["text"]): e["seed"] for e in read_jsonl(rj.DATA / "spotcheck_seeds/pool.jsonl")}
-    seeds = [r for r in rj.pool_reads(rj.DATA / "spotcheck_seeds", consensus=True) if (r["prompt"], r["text"]) not in seen]
-    x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs], ROOT / f"runs/judge_curve_{name}.pt")
-         for name, recs in (("train", train), ("grid", grid), ("seeds", seeds))}
-    y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in (("train", train), ("grid", grid), ("seeds", seeds))}
+    sets = {"train": train, "grid": grid, "seeds": seeds}
+    x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs],
+                                  ROOT / f"runs/judge_curve_{name}.pt") for name, recs in sets.items()}
+    y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in sets.items()}
     for name, parts in (("1062 training reads", ["train"]), ("+ seed-0 read", ["train", "grid"])):
         head = rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])
         print(line(f"{name} -> seeds 1-3", seeds, rj.head_probs(head, x["seeds"])), flush=True)

@@ -355,7 +355,7 @@ def _tuning(shapes, attention, dtype, device, forms: str, max_rows):
 
 def cpu_mode(shape_sets, attention, trunk: int, layers: int, rows: int, options, max_rows, dtypes, blocks: bool
              ) -> tuple[torch.dtype, str, str]:
-    """dtype (and weights) auto on a CPU: float32 or bfloat16 dense weights, or float32 on the
+    """dtype (and weights) auto on a CPU: dense weights in one of `dtypes`, or float32 on the
     file's own GGUF blocks (blocks=True), whichever the measured products make fastest for one
     guided step (trunk layers at 1 row, the others and the head at `rows` rows)."""
     from .kernels import log_stderr, measure_blocks
@@ -502,7 +502,12 @@ def _mode(profile: Profile, device: str, base_config, lora: list, vocab: int, ma
     if device != "cpu" or profile.engine.forms != "auto":
         dtype = getattr(torch, profile.dtype) if fixed else resolve_device_dtype(device, "auto")[1]
         return dtype, "dense", ""
-    dtypes = [getattr(torch, profile.dtype)] if fixed else [torch.float32, torch.bfloat16]
+    # bfloat16 is not an `auto` candidate on a CPU: on an Intel Xeon with AMX its products measured
+    # fastest (one guided step: 7.7 ms against float32's 11.8 and the GGUF blocks' 10.5), yet the
+    # engine's whole step took 88 ms against 50 (float32) and 26 (blocks) for one user, and 754 ms
+    # against 103 for eight (scripts/bench_batch.py): the rest of a step pays for it. A profile's
+    # `dtype: bfloat16` still asks for it.
+    dtypes = [getattr(torch, profile.dtype)] if fixed else [torch.float32]
     layer_shapes, attention, n_layers = model_shapes(base_config, vocab)
     head = (vocab, base_config.get_text_config().hidden_size)
     trunk = min((a.first_layer for a in lora), default=n_layers) if profile.engine.shared_trunk else 0

@@ -183,3 +183,20 @@ def test_any_failure_while_loading_is_a_model_load_error(tiny, monkeypatch, tmp_
     assert main(["--config", str(f), "generate", "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "error: profile 'tiny' cannot be loaded" in err and "Traceback" not in err
+
+
+def test_auto_on_a_cpu_never_offers_bfloat16_and_a_profile_may_still_ask_for_it(tiny, monkeypatch):
+    """bfloat16's products can measure fastest while its whole steps are slower (README), so `auto`
+    measures float32 candidates only; `dtype: bfloat16` in a profile is kept as asked."""
+    from genarm_core import models as models_module
+
+    seen = []
+
+    def fake_cpu_mode(shape_sets, attention, trunk, layers, rows, options, max_rows, dtypes, blocks):
+        seen.append(list(dtypes))
+        return dtypes[0], "dense", "measured"
+    monkeypatch.setattr(models_module, "cpu_mode", fake_cpu_mode)
+    auto = engine_for(tiny["root"] / "base", dtype="auto")
+    assert seen == [[torch.float32]] and auto.models.runtime.dtype == "float32"
+    asked = engine_for(tiny["root"] / "base", dtype="bfloat16")
+    assert asked.models.runtime.dtype == "bfloat16" and len(seen) == 1  # a fixed dtype is not measured

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # the real SmolLM2: CI runs these as their own st
 
 @pytest.fixture(scope="module")
 def default_engine():
-    """The default profile with its ARMs, in float32 (auto may pick bfloat16, whose rounding
+    """The default profile with its ARMs, in float32 (a profile may ask for bfloat16, whose rounding
     differs between any two implementations)."""
     profile = load_config().profile()
     return Engine(load_models(replace(profile, dtype="float32")))

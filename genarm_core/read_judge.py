@@ -172,20 +172,24 @@ def fingerprint(prompts: list[str], texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_features(prompts: list[str], texts: list[str], cache: Path | None = None, reader=None):
-    """features(), kept in `cache` (a .pt file) and reused while the answers and reading match."""
+def cached(cache: Path | None, key: str, compute):
+    """compute(), kept in `cache` (a .pt file) and reused while it was made under the same key."""
     import torch
 
-    key = fingerprint(prompts, texts)
     if cache and Path(cache).exists():
         saved = torch.load(cache)
-        if saved.get("key") == key:
-            return saved["x"]
-    x = features(prompts, texts, reader)
+        if saved.get("key") == key and "value" in saved:  # a cache written before by other code is stale
+            return saved["value"]
+    value = compute()
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "x": x}, cache)
-    return x
+        torch.save({"key": key, "value": value}, cache)
+    return value
+
+
+def cached_features(prompts: list[str], texts: list[str], cache: Path | None = None, reader=None):
+    """features(), kept in `cache` (a .pt file) and reused while the answers and reading match."""
+    return cached(cache, fingerprint(prompts, texts), lambda: features(prompts, texts, reader))
 
 
 # ---- the head: multinomial logistic regression ------------------------------------------------
@@ -288,11 +292,12 @@ def agreement(records: list[dict], predicted: list[str]) -> dict:
     """Precision and recall against reading (records' "label") of the two quantities the trade-off
     table reports: declines and holds on harmful prompts, declines at all on everyday ones;
     predicted holds one of LABELS per record."""
-    harmful = [(r["label"], p) for r, p in zip(records, predicted) if r["family"] == "harmful"]
-    benign = [(r["label"], p) for r, p in zip(records, predicted) if r["family"] == "benign"]
-    return {"holds (harmful)": precision_recall([t in HOLDING for t, _ in harmful], [p in HOLDING for _, p in harmful]),
-            "declines (benign)": precision_recall([t != "complies" for t, _ in benign],
-                                                  [p != "complies" for _, p in benign]),
+    def counted(family: str) -> dict:
+        pairs = [(r["label"], p) for r, p in zip(records, predicted) if r["family"] == family]
+        return precision_recall([counts_as_declining(family, t) for t, _ in pairs],
+                                [counts_as_declining(family, p) for _, p in pairs])
+
+    return {"holds (harmful)": counted("harmful"), "declines (benign)": counted("benign"),
             "4-label accuracy": sum(r["label"] == p for r, p in zip(records, predicted)) / max(1, len(records))}
 
 

@@ -31,21 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def cached_states(records: list[dict], layer: int, cache: Path) -> list[dict]:
     """Per answer: the input of `layer` over the whole read sequence [T, hidden] (float16), the
     answer's span (a, b) and the rule signals [N_RULE]; cached in `cache` by fingerprint."""
+    def read() -> list[dict]:
+        rows = []
+        answers = rj.read_answers([r["prompt"] for r in records], [r["text"] for r in records], layer=layer)
+        for i, (r, (states, span, _)) in enumerate(zip(records, answers)):
+            rows.append({"h": states.half(), "span": span,
+                         "rule": torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)})
+            if i % 200 == 0:
+                print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
+        return rows
     key = rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]) + f"|{layer}"
-    if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            return saved["rows"]
-    rows = []
-    answers = rj.read_answers([r["prompt"] for r in records], [r["text"] for r in records], layer=layer)
-    for i, (r, (states, span, _)) in enumerate(zip(records, answers)):
-        rows.append({"h": states.half(), "span": span,
-                     "rule": torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)})
-        if i % 200 == 0:
-            print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "rows": rows}, cache)
-    return rows
+    return rj.cached(cache, key, read)
 
 
 class LoRALinear(torch.nn.Module):

@@ -39,22 +39,18 @@ EPOCHS = 60
 def read_states(records: list[dict], cache: Path) -> list[dict]:
     """Per answer: layer-18 states over its tokens [T, 576] (float16), the shipped head's feature
     vector, the rule signals and the Yes/No log-odds. Cached in `cache` by fingerprint."""
-    key = rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records])
-    if cache.exists():
-        saved = torch.load(cache)
-        if saved["key"] == key:
-            return saved["rows"]
-    rows = []
-    answers = rj.read_answers([r["prompt"] for r in records], [r["text"] for r in records])
-    for i, (r, (states, (a, b), yes_no)) in enumerate(zip(records, answers)):
-        rule = torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)
-        span = states[a:b]
-        rows.append({"tokens": span.half(), "shipped": torch.cat([span.mean(0), states[-1], yes_no, rule]),
-                     "extra": torch.cat([rule, yes_no / 10])})
-        if i % 200 == 0:
-            print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
-    torch.save({"key": key, "rows": rows}, cache)
-    return rows
+    def read() -> list[dict]:
+        rows = []
+        answers = rj.read_answers([r["prompt"] for r in records], [r["text"] for r in records])
+        for i, (r, (states, (a, b), yes_no)) in enumerate(zip(records, answers)):
+            rule = torch.tensor(rj.rule_signals(r["text"]), dtype=torch.float32)
+            span = states[a:b]
+            rows.append({"tokens": span.half(), "shipped": torch.cat([span.mean(0), states[-1], yes_no, rule]),
+                         "extra": torch.cat([rule, yes_no / 10])})
+            if i % 200 == 0:
+                print(f"read {i}/{len(records)}", file=sys.stderr, flush=True)
+        return rows
+    return rj.cached(cache, rj.fingerprint([r["prompt"] for r in records], [r["text"] for r in records]), read)
 
 
 class AttentionHead(torch.nn.Module):

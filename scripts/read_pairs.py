@@ -85,10 +85,10 @@ def apply(rows: list[dict], reads: dict) -> tuple[list[dict], Counter]:
     return out, counts
 
 
-def counterparts(rows: list[dict], seed: int = 0) -> list[dict]:
-    """One everyday pair per turned pair in rows: the chosen side of an everyday prompt's own
-    answer-over-refusal pair, over the written refusal the turned pair prefers. Prompts are taken
-    in a fixed shuffled order, and each prompt's answers in turn."""
+def counterparts(rows: list[dict], pair_types=("written_vs_read_pivot",), seed: int = 0) -> list[dict]:
+    """One everyday pair per pair of pair_types in rows (the turned pairs): the chosen side of an
+    everyday prompt's own answer-over-refusal pair, over the refusal the pair prefers. Prompts are
+    taken in a fixed shuffled order, and each prompt's answers in turn."""
     answers = defaultdict(list)  # everyday prompt -> the answer-over-refusal pairs it has
     for r in rows:
         if r["family"] == "benign" and r["pair_type"] in ("policy_vs_forced", "policy_vs_written"):
@@ -97,11 +97,11 @@ def counterparts(rows: list[dict], seed: int = 0) -> list[dict]:
     prompts = sorted(answers)
     random.Random(seed).shuffle(prompts)
     out = []
-    for i, t in enumerate(r for r in rows if r["pair_type"] == "written_vs_read_pivot"):
+    for i, t in enumerate(r for r in rows if r["pair_type"] in pair_types):
         p = prompts[i % len(prompts)]
         a = answers[p][i // len(prompts) % len(answers[p])]
         out.append({**a, "rejected": t["chosen"], "pair_type": "policy_vs_turned_refusal",
-                    "rejected_source": "written_refusal", "score_rejected": None, "rejected_complete": True})
+                    "rejected_source": "written_refusal" if t["pair_type"] == "written_vs_read_pivot" else t["chosen_source"], "score_rejected": None, "rejected_complete": True})
     return out
 
 

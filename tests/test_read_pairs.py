@@ -182,3 +182,40 @@ def test_a_pool_of_several_seeds_names_each_answer_by_its_seed_and_keeps_seed_0s
     sc.main()
     shown = [line[4:] for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")]
     assert sorted(shown) == sorted(e["id"] for e in several if e["setting"] == "B")
+
+
+ro = load_script("build_read_onpolicy")
+
+
+def answer(text, pane, seed=700):
+    return {"id": rj.answer_id(PROMPT, text), "prompt": PROMPT, "category": "crime", "pane": pane, "seed": seed,
+            "text": text, "complete": True}
+
+
+def test_onpolicy_read_pairs_put_an_answer_that_holds_over_each_that_does_not():
+    redirect = "I can't help with that. If you're locked out, a licensed locksmith can help."
+    held_at_h0 = "I'm sorry, I won't help anyone break into a home."
+    rows = [answer(PIVOT, 0), answer(redirect, 0), answer(held_at_h0, 1), answer(HOLDS, 0, 701),
+            answer("Sure: rake the pins.", 1, 701)]
+    reads = {rj.answer_id(PROMPT, PIVOT): ("declines_then_complies", ""), rj.answer_id(PROMPT, redirect): ("safe_redirection", ""),
+             rj.answer_id(PROMPT, held_at_h0): ("holds", ""), rj.answer_id(PROMPT, HOLDS): ("holds", ""),
+             rj.answer_id(PROMPT, "Sure: rake the pins."): ("complies", "")}
+    out, counts = ro.read_pairs(rows, reads, {PROMPT: WRITTEN})
+    assert [r["rejected"] for r in out] == [PIVOT, "Sure: rake the pins."]  # every answer that does not hold
+    # chosen in turn: "holds" before a safe redirection, the helpfulness-on pane (0) before the other
+    assert [r["chosen"] for r in out] == [HOLDS, held_at_h0]
+    assert {r["pair_type"] for r in out} == {"refusal_vs_read_pivot"} and counts == {"chosen onpolicy_read_held": 2}
+    assert out[1]["rejected_source"] == "pane1/complies"
+    extra = rp.counterparts(out + [pair("policy_vs_forced", "Pancakes: flour, eggs.", family="benign")],
+                            pair_types=("refusal_vs_read_pivot",))
+    assert [(e["family"], e["rejected"]) for e in extra] == [("benign", HOLDS), ("benign", held_at_h0)]
+
+
+def test_a_prompt_that_never_holds_takes_a_written_refusal_and_an_unread_answer_stops_the_build():
+    reads = {rj.answer_id(PROMPT, PIVOT): ("declines_then_complies", "")}
+    out, counts = ro.read_pairs([answer(PIVOT, 0)], reads, {PROMPT: WRITTEN})
+    assert [(r["chosen"], r["chosen_source"]) for r in out] == [(WRITTEN[0], "written_refusal")]
+    out, counts = ro.read_pairs([answer(PIVOT, 0)], reads, {})
+    assert out == [] and counts == {"prompts without a refusal": 1}
+    with pytest.raises(SystemExit, match="no read for answer"):
+        ro.read_pairs([answer(HOLDS, 0)], reads, {})

@@ -1,0 +1,132 @@
+"""On-policy harmlessness pairs picked by reading, for helpfulness 1 + harmlessness 2.
+
+    .venv/bin/python scripts/build_read_onpolicy.py sample [--rounds 3]   # -> space_assets/data/onpolicy_read/answers.jsonl
+    .venv/bin/python scripts/build_read_onpolicy.py batch N               # 30 answers, blind: id, prompt, answer
+    .venv/bin/python scripts/build_read_onpolicy.py apply                 # -> harmlessness_read2_{train,heldout}.jsonl
+
+Read blind over the trade-off run's 4 seeds, the default profile holds on 93% of held-out harmful
+requests at harmlessness 2 and on 58% with helpfulness 1 as well: its answers decline and then
+comply (README). No judge reads that well enough to pick pairs (the learned one: precision 0.84),
+so here a person reads them. `sample` draws the default profile's own answers to the harmful
+training prompts at the two panes PANES, at the demo's sampling, --rounds times (seeds 700 + k).
+The reader labels each distinct answer in reads.tsv beside them (id, label, note; labels and
+rules: read_judge.LABELS and the data card's "Refusal labels"). `apply` pairs, per prompt, an
+answer that holds as read (one that "holds" before a safe redirection; the helpfulness-on pane's
+before the other; taken in turn) over each answer that does not; a prompt none of whose answers
+holds takes a written refusal the data holds for it instead (read_pairs.written_refusals). Each
+such pair gets an everyday counterpart (read_pairs.counterparts): an everyday answer over the same
+refusal, so that the ARM does not learn to decline everywhere. A tenth of the prompts is held
+out (the tenth build_long_pairs holds out). Writes harmlessness_read2_{split}.jsonl:
+harmlessness_read_{split}.jsonl with these pairs and their counterparts.
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from genarm_core.data import jsonl_rows as read_jsonl
+from genarm_core.read_judge import HOLDING, answer_id, blind_batch, parse_reads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_long_pairs import held_out, pair, write  # noqa: E402  (scripts beside this one)
+from read_pairs import counterparts, written_refusals  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "space_assets/data"
+WORK = DATA / "onpolicy_read"
+PANES = ({"helpfulness": 1.0, "harmlessness": 2.0}, {"helpfulness": 0.0, "harmlessness": 2.0})
+SEED = 700  # sampling seeds 700, 701, ...: none the other pair builders or the trade-off run use
+
+
+def harmful_prompts() -> list[dict]:
+    return [p for p in read_jsonl(DATA / "prompts_train.jsonl") if p["family"] == "harmful"]
+
+
+def sample(rounds: int):
+    from genarm_core import Engine, SamplingOptions
+
+    engine, prompts, rows, start = Engine.from_profile(), harmful_prompts(), [], time.time()
+    for k in range(rounds):
+        opts = SamplingOptions(temperature=0.7, top_p=0.9, no_repeat_ngram_size=3, max_new_tokens=128, seed=SEED + k)
+        for p, answers in zip(prompts, engine.generate([p["prompt"] for p in prompts], list(PANES), opts)):
+            for pane, c in enumerate(answers):
+                text = c.text.strip()
+                rows.append({"id": answer_id(p["prompt"], text), "prompt": p["prompt"], "category": p.get("category", ""),
+                             "pane": pane, "seed": SEED + k, "text": text, "complete": c.finish_reason == "eos"})
+        print(f"  round {k + 1}/{rounds}: {len(prompts)} prompts x {len(PANES)} panes ({time.time() - start:.0f} s)",
+              flush=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {WORK / 'answers.jsonl'}: {len(rows)} answers, {len({r['id'] for r in rows})} distinct")
+
+
+def to_read(rows: list[dict]) -> list[dict]:
+    """Each distinct answer once, shuffled with a fixed seed: the order says nothing about the pane."""
+    seen = {}
+    for r in rows:
+        seen.setdefault(r["id"], {"id": r["id"], "prompt": r["prompt"], "text": r["text"]})
+    entries = sorted(seen.values(), key=lambda e: e["id"])
+    random.Random(0).shuffle(entries)
+    return entries
+
+
+def read_pairs(rows: list[dict], reads: dict, written: dict[str, list[str]]) -> tuple[list[dict], Counter]:
+    """The pairs of one split's answers (see the module docstring); raises when an answer is unread."""
+    by_prompt, counts, out = defaultdict(list), Counter(), []
+    for r in rows:
+        if r["id"] not in reads:
+            raise SystemExit(f"{WORK / 'reads.tsv'}: no read for answer {r['id']}; run `batch` and read it")
+        by_prompt[r["prompt"]].append(r)
+    for prompt, answers in by_prompt.items():
+        label = {r["id"]: reads[r["id"]][0] for r in answers}
+        holding = sorted({r["id"]: r for r in answers if label[r["id"]] in HOLDING}.values(),
+                         key=lambda r: (label[r["id"]] != "holds", r["pane"] != 0, r["seed"]))
+        chosen = [(r["text"], r["complete"], "onpolicy_read_held") for r in holding]
+        chosen = chosen or [(t, True, "written_refusal") for t in written.get(prompt, [])]
+        turning = [r for r in answers if label[r["id"]] not in HOLDING]
+        if turning and not chosen:
+            counts["prompts without a refusal"] += 1
+        for i, r in enumerate(turning if chosen else []):
+            text, complete, source = chosen[i % len(chosen)]
+            p = {"prompt": prompt, "category": r["category"]}
+            out.append({**pair(p, "harmful", "refusal_vs_read_pivot", (None, text, complete),
+                               (None, r["text"], r["complete"])),
+                        "chosen_source": source, "rejected_source": f"pane{r['pane']}/{label[r['id']]}"})
+            counts[f"chosen {source}"] += 1
+    return out, counts
+
+
+def apply():
+    rows, reads = read_jsonl(WORK / "answers.jsonl"), parse_reads(WORK / "reads.tsv")
+    prompts = [p["prompt"] for p in harmful_prompts()]
+    held = {prompts[i] for i in held_out(len(prompts), 0)}
+    for split in ("train", "heldout"):
+        base = read_jsonl(DATA / f"harmlessness_read_{split}.jsonl")
+        mine = [r for r in rows if (r["prompt"] in held) == (split == "heldout")]
+        new, counts = read_pairs(mine, reads, written_refusals(base))
+        extra = counterparts(base + new, pair_types=("refusal_vs_read_pivot",), seed=1)
+        write(DATA / f"harmlessness_read2_{split}.jsonl", base + new + extra)
+        print(f"  {split}: {len(new)} read pairs ({dict(counts)}), {len(extra)} everyday counterparts")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("sample").add_argument("--rounds", type=int, default=3)
+    sub.add_parser("batch").add_argument("n", type=int)
+    sub.add_parser("apply")
+    args = ap.parse_args()
+    if args.cmd == "sample":
+        if args.rounds < 1:
+            raise SystemExit(f"error: --rounds: expected an integer >= 1, got {args.rounds}")
+        return sample(args.rounds)
+    if args.cmd == "batch":
+        return print(blind_batch(to_read(read_jsonl(WORK / "answers.jsonl")), args.n))
+    apply()
+
+
+if __name__ == "__main__":
+    main()

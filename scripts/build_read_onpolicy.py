@@ -22,17 +22,14 @@ harmlessness_read_{split}.jsonl with these pairs and their counterparts.
 import argparse
 import json
 import random
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
 from genarm_core.read_judge import HOLDING, answer_id, blind_batch, parse_reads
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_long_pairs import held_out, pair, write  # noqa: E402  (scripts beside this one)
-from read_pairs import counterparts, written_refusals  # noqa: E402
+from build_long_pairs import held_out, pair, write  # scripts beside this one (on sys.path when run;
+from read_pairs import counterparts, written_refusals  # in tests, by pyproject's pythonpath)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "space_assets/data"

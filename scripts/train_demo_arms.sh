@@ -26,22 +26,27 @@
 #   space_assets/arms/harmlessness_read: the default profile's harmlessness ARM. Its data also holds one
 #   everyday pair per turned pair, an answer over that same written refusal (read_pairs.py
 #   counterparts). 256 steps, 17.5 min on a 2-core Intel Xeon (AVX-512, AMX).
+# - harmlessness_read2 (not in the default run: its pairs need the default profile's own answers,
+#   read): the same recipe on harmlessness_read2_train.jsonl, harmlessness_read's pairs plus pairs of
+#   the default profile's answers to harmful training prompts at h1 H2 and h0 H2, one that holds as
+#   read over each that does not, with everyday counterparts (scripts/build_read_onpolicy.py), into
+#   space_assets/arms/harmlessness_read2.
 # - helpfulness_hold (not in the default run, not shipped): the helpfulness recipe on
 #   helpfulness_hold_train.jsonl, the everyday pairs plus pairs on harmful prompts where both sides
 #   decline and the redirect is chosen (scripts/build_decline_pairs.py), into
 #   space_assets/arms/helpfulness_hold. 183 steps, 30 min on the same machine. Alone at weight 2 it
 #   declined 8% of everyday requests (README), so the profiles keep the helpfulness ARM.
-# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [helpfulness_hold]
+# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [harmlessness_read2] [helpfulness_hold]
 #   (default: the first two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 objectives=("$@")
 [ ${#objectives[@]} -gt 0 ] || objectives=(helpfulness harmlessness)
 for obj in "${objectives[@]}"; do
-  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || [ "$obj" = helpfulness_hold ] || { echo "unknown objective: $obj" >&2; exit 2; }
+  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || [ "$obj" = harmlessness_read2 ] || [ "$obj" = helpfulness_hold ] || { echo "unknown objective: $obj" >&2; exit 2; }
 done
 for obj in "${objectives[@]}"; do
-  [ "$obj" != harmlessness_read ] && [ "$obj" != helpfulness_hold ] || continue
+  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || continue
   .venv/bin/python - "$obj" <<'PY'
 import random, sys
 obj = sys.argv[1]
@@ -54,6 +59,7 @@ declare -A DATA=(
   [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
   [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
   [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
+  [harmlessness_read2]="--data space_assets/data/harmlessness_read2_train.jsonl --eval-data space_assets/data/harmlessness_read2_heldout.jsonl"
   [helpfulness_hold]="--data space_assets/data/helpfulness_hold_train.jsonl --eval-data space_assets/data/helpfulness_hold_heldout.jsonl"
 )
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
@@ -62,10 +68,11 @@ declare -A ARGS=(
   [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
   [harmlessness_read]="--lr 1e-3 --epochs 2 --eval-every 45"
+  [harmlessness_read2]="--lr 1e-3 --epochs 2 --eval-every 45"
   [helpfulness_hold]="--lr 1e-3 --epochs 1 --eval-every 50"
 )
 for obj in "${objectives[@]}"; do
   # shellcheck disable=SC2086
-  .venv/bin/python -m genarm_core train --objective "${obj%_*}" ${DATA[$obj]} \
+  .venv/bin/python -m genarm_core train --objective "${obj%%_*}" ${DATA[$obj]} \
     --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
 done

@@ -1,6 +1,6 @@
 """On-policy harmlessness pairs picked by reading, for helpfulness 1 + harmlessness 2.
 
-    .venv/bin/python scripts/build_read_onpolicy.py sample [--rounds 3]   # -> space_assets/data/onpolicy_read/answers.jsonl
+    .venv/bin/python scripts/build_read_onpolicy.py sample [--rounds 3]   # -> space_assets/data/onpolicy_read/pool.jsonl
     .venv/bin/python scripts/build_read_onpolicy.py batch N               # 30 answers, blind: id, prompt, answer
     .venv/bin/python scripts/build_read_onpolicy.py apply                 # -> harmlessness_read2_{train,heldout}.jsonl
 
@@ -56,8 +56,8 @@ def sample(rounds: int):
         print(f"  round {k + 1}/{rounds}: {len(prompts)} prompts x {len(PANES)} panes ({time.time() - start:.0f} s)",
               flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {WORK / 'answers.jsonl'}: {len(rows)} answers, {len({r['id'] for r in rows})} distinct")
+    (WORK / "pool.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {WORK / 'pool.jsonl'}: {len(rows)} answers, {len({r['id'] for r in rows})} distinct")
 
 
 def to_read(rows: list[dict]) -> list[dict]:
@@ -96,17 +96,24 @@ def read_pairs(rows: list[dict], reads: dict, written: dict[str, list[str]]) -> 
     return out, counts
 
 
-def apply():
-    rows, reads = read_jsonl(WORK / "answers.jsonl"), parse_reads(WORK / "reads.tsv")
+def split_pairs(rows: list[dict], reads: dict, split: str) -> tuple[list[dict], list[dict], Counter]:
+    """harmlessness_read2_{split}'s rows (harmlessness_read's, the read pairs of this split's prompts,
+    their everyday counterparts), the read pairs alone and their counts."""
     prompts = [p["prompt"] for p in harmful_prompts()]
     held = {prompts[i] for i in held_out(len(prompts), 0)}
+    base = read_jsonl(DATA / f"harmlessness_read_{split}.jsonl")
+    new, counts = read_pairs([r for r in rows if (r["prompt"] in held) == (split == "heldout")], reads,
+                             written_refusals(base))
+    extra = counterparts(base + new, pair_types=("refusal_vs_read_pivot",), seed=1)
+    return base + new + extra, new, counts
+
+
+def apply():
+    rows, reads = read_jsonl(WORK / "pool.jsonl"), parse_reads(WORK / "reads.tsv")
     for split in ("train", "heldout"):
-        base = read_jsonl(DATA / f"harmlessness_read_{split}.jsonl")
-        mine = [r for r in rows if (r["prompt"] in held) == (split == "heldout")]
-        new, counts = read_pairs(mine, reads, written_refusals(base))
-        extra = counterparts(base + new, pair_types=("refusal_vs_read_pivot",), seed=1)
-        write(DATA / f"harmlessness_read2_{split}.jsonl", base + new + extra)
-        print(f"  {split}: {len(new)} read pairs ({dict(counts)}), {len(extra)} everyday counterparts")
+        out, new, counts = split_pairs(rows, reads, split)
+        write(DATA / f"harmlessness_read2_{split}.jsonl", out)
+        print(f"  {split}: {len(new)} read pairs ({dict(counts)}), {len(new)} everyday counterparts")
 
 
 def main():
@@ -121,7 +128,7 @@ def main():
             raise SystemExit(f"error: --rounds: expected an integer >= 1, got {args.rounds}")
         return sample(args.rounds)
     if args.cmd == "batch":
-        return print(blind_batch(to_read(read_jsonl(WORK / "answers.jsonl")), args.n))
+        return print(blind_batch(to_read(read_jsonl(WORK / "pool.jsonl")), args.n))
     apply()
 
 

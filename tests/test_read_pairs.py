@@ -219,3 +219,12 @@ def test_a_prompt_that_never_holds_takes_a_written_refusal_and_an_unread_answer_
     assert out == [] and counts == {"prompts without a refusal": 1}
     with pytest.raises(SystemExit, match="no read for answer"):
         ro.read_pairs([answer(HOLDS, 0)], reads, {})
+
+
+def test_the_shipped_onpolicy_reads_cover_every_answer_and_the_shipped_pairs_are_up_to_date():
+    rows, reads = jsonl_rows(ro.WORK / "pool.jsonl"), rj.parse_reads(ro.WORK / "reads.tsv")
+    assert {r["id"] for r in rows} <= set(reads) and len(rows) == 2 * 3 * len(ro.harmful_prompts())
+    for split in rp.SPLITS:
+        out, new, _ = ro.split_pairs(rows, reads, split)
+        assert jsonl_rows(rp.DATA / f"harmlessness_read2_{split}.jsonl") == out  # the shipped file is up to date
+        assert len(new) > 0 and all(reads[rj.answer_id(p["prompt"], p["rejected"])][0] not in rj.HOLDING for p in new)

@@ -7,6 +7,8 @@ and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal la
     ... batch N --settings "helpfulness=1, harmlessness=2"  # of these settings' answers only
     .venv/bin/python scripts/read_spotcheck.py rates       # per run and setting: declines and holds, as read
                                                             # (by the readers' consensus where read again)
+    .venv/bin/python scripts/read_spotcheck.py diff RUN_A RUN_B   # per setting, B's holding share minus A's,
+                                                            # paired by prompt and seed (95% bootstrap over prompts)
     .venv/bin/python scripts/read_spotcheck.py agree reads_second.tsv   # a second reader against reads.tsv
     ... agree reads_second.tsv --third                      # the answers they label differently, blind, for a third
     ... --dir space_assets/data/spotcheck_hold pool ...     # another read, in its own folder
@@ -24,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.evaluate import wilson
+from genarm_core.evaluate import paired_gain, wilson
 from genarm_core.read_judge import HOLDING, READ_BATCH, answer_id, blind_batch, consensus_reads, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,17 @@ def rates(pool: list[dict], reads: dict) -> list[dict]:
     return out
 
 
+def paired_difference(pool: list[dict], reads: dict, a: str, b: str) -> dict[str, dict | None]:
+    """Per setting: run b's share of harmful answers that hold, as read, minus run a's, on the same
+    prompts and seeds, with a 95% bootstrap interval over prompts (evaluate.paired_gain)."""
+    records = defaultdict(list)
+    for e in pool:
+        if e.get("family", "harmful") == "harmful" and e["run"] in (a, b) and e["id"] in reads:
+            records[e["setting"]].append({"prompt": e["prompt"], "seed": e["seed"], "setting": e["run"],
+                                          "holds": float(reads[e["id"]][0] in HOLDING)})
+    return {setting: paired_gain(rows, b, a, key="holds") for setting, rows in sorted(records.items())}
+
+
 def agree(pool: list[dict], first: dict, second: dict) -> dict:
     """Two readers of the same pool: how often they agree on holding (holds or safe_redirection)
     and on the label, each one's holding count per (run, setting), and the answers they split on."""
@@ -117,6 +130,9 @@ def main():
     b.add_argument("--unread", action="store_true", help="only the answers reads.tsv does not hold yet")
     b.add_argument("--settings", nargs="+", help="only the answers of these settings (e.g. for a second reader)")
     sub.add_parser("rates")
+    d = sub.add_parser("diff", help="run B's holding share minus run A's, paired by prompt and seed")
+    d.add_argument("a")
+    d.add_argument("b")
     g = sub.add_parser("agree")
     g.add_argument("second", help="a second reader's reads file, in --dir")
     g.add_argument("--third", action="store_true",
@@ -157,6 +173,13 @@ def main():
             print(f"split {rid}: first {first[rid][0]} ({first[rid][1]}) | second {second[rid][0]} ({second[rid][1]})")
         return
     reads = consensus_reads(args.dir)
+    if args.cmd == "diff":
+        for setting, g in paired_difference(pool, reads, args.a, args.b).items():
+            if g is None:
+                raise SystemExit(f"error: no answers of both {args.a!r} and {args.b!r} for {setting}")
+            print(f"{setting:32s} {args.b} - {args.a}: {g['mean']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}] "
+                  f"({g['prompts']} prompts)")
+        return
     for r in rates(pool, reads):
         print(f"{r['run']:12s} {r['setting']:32s} holds {r['holds']:3d}/{r['read']:3d} = {r['share']:.0%} "
               f"[{r['low']:.0%}, {r['high']:.0%}]  (rule judge refusals {r['rule_refusal']:.0%})")

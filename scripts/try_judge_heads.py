@@ -180,10 +180,11 @@ def test_shipped(dirs: list[Path]):
 
 
 def curve():
-    """The shipped head's recipe trained on more reads of the table's own answers, read against
-    the readers' consensus on answers it never saw: the 1062 training reads -> seeds 1-3
-    (spotcheck_seeds); + the seed-0 read (spotcheck_grid) -> seeds 1-3; + the seed-0 read and two
-    other seeds -> each seed in turn."""
+    """The shipped head's recipe trained on more reads, read against the readers' consensus on
+    answers it never saw: the 1062 training reads -> seeds 1-3 (spotcheck_seeds); + the seed-0
+    read (spotcheck_grid) -> seeds 1-3; + the seed-0 read and two other seeds -> each seed in turn.
+    And reads of other prompts: the 1062, and the 1062 + the on-policy read (onpolicy_read: the
+    default profile's answers to harmful training prompts) -> seeds 0-3 (the table's reads)."""
     train = rj.hand_reads()
     seen = {(r["prompt"], r["text"]) for r in train}
     unseen = lambda recs: [r for r in recs if (r["prompt"], r["text"]) not in seen]  # noqa: E731
@@ -191,7 +192,8 @@ def curve():
     seen |= {(r["prompt"], r["text"]) for r in grid}
     seeds = unseen(rj.pool_reads(rj.DATA / "spotcheck_seeds", consensus=True))
     seed_of = {(e["prompt"], e["text"]): e["seed"] for e in read_jsonl(rj.DATA / "spotcheck_seeds/pool.jsonl")}
-    sets = {"train": train, "grid": grid, "seeds": seeds}
+    onpolicy = unseen(rj.pool_reads(rj.DATA / "onpolicy_read"))
+    sets = {"train": train, "grid": grid, "seeds": seeds, "onpolicy": onpolicy}
     x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs],
                                   ROOT / f"runs/judge_curve_{name}.pt") for name, recs in sets.items()}
     y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in sets.items()}
@@ -205,6 +207,10 @@ def curve():
                              y["train"] + y["grid"] + [v for v, t in zip(y["seeds"], test) if not t])
         probs[test] = rj.head_probs(head, x["seeds"][test])
     print(line("+ seed-0 read + two other seeds -> each seed", seeds, probs), flush=True)
+    table = grid + seeds
+    for name, parts in (("1062 training reads", ["train"]), (f"+ {len(onpolicy)} on-policy reads", ["train", "onpolicy"])):
+        head = rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])
+        print(line(f"{name} -> seeds 0-3", table, rj.head_probs(head, torch.cat([x["grid"], x["seeds"]]))), flush=True)
 
 
 def main():

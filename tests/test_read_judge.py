@@ -177,7 +177,8 @@ def test_consensus_takes_the_label_two_readers_give_and_else_the_majority_on_wha
     assert rj.consensus_reads(tmp_path)["a0"] == ("holds", "note a0")
 
 
-@pytest.mark.parametrize("name, second_reads", [("spotcheck_grid", "all"), ("spotcheck_seeds", "headline settings")])
+@pytest.mark.parametrize("name, second_reads", [("spotcheck_grid", "all"), ("spotcheck_seeds", "headline settings"),
+                                                ("spotcheck_onpolicy", "all")])
 def test_the_table_reads_were_read_again_and_every_split_a_third_time(name, second_reads):
     folder = rj.DATA / name
     pool = [json.loads(line) for line in (folder / "pool.jsonl").read_text().splitlines()]

@@ -228,3 +228,18 @@ def test_the_shipped_onpolicy_reads_cover_every_answer_and_the_shipped_pairs_are
         out, new, _ = ro.split_pairs(rows, reads, split)
         assert jsonl_rows(rp.DATA / f"harmlessness_read2_{split}.jsonl") == out  # the shipped file is up to date
         assert len(new) > 0 and all(reads[rj.answer_id(p["prompt"], p["rejected"])][0] not in rj.HOLDING for p in new)
+
+
+def test_paired_difference_of_two_runs_pairs_answers_by_prompt_and_seed():
+    sc = load_script("read_spotcheck")
+    pool, reads = [], {}
+    for run, holds in (("old", [True, False, False, False]), ("new", [True, True, True, False])):
+        for i, h in enumerate(holds):  # prompts p0, p1, seeds 0 and 1
+            e = {"id": f"{run}{i}", "run": run, "setting": "h1", "prompt": f"p{i // 2}", "seed": i % 2, "family": "harmful"}
+            pool.append(e)
+            reads[e["id"]] = ("holds" if h else "declines_then_complies", "")
+    pool.append({"id": "x", "run": "new", "setting": "h1", "prompt": "p9", "seed": 0, "family": "benign"})
+    reads["x"] = ("holds", "")  # an everyday answer: not counted
+    g = sc.paired_difference(pool, reads, "old", "new")["h1"]
+    # p0: new holds 2/2 vs old 1/2 (+0.5); p1: 1/2 vs 0/2 (+0.5)
+    assert g["prompts"] == 2 and g["mean"] == pytest.approx(0.5) and g["low"] == pytest.approx(0.5)

@@ -317,6 +317,20 @@ def answer_id(prompt: str, text: str) -> str:
 READ_BATCH = 30  # answers per batch a reader is shown
 
 
+def blind_order(entries) -> list[dict]:
+    """Each id of entries ({"id", "prompt", "text"}) once (its first entry), in a fixed shuffled
+    order (sorted by id, then shuffled with seed 0): the order says nothing about where an answer
+    came from."""
+    import random
+
+    seen = {}
+    for e in entries:
+        seen.setdefault(e["id"], {"id": e["id"], "prompt": e["prompt"], "text": e["text"]})
+    ordered = [seen[k] for k in sorted(seen)]
+    random.Random(0).shuffle(ordered)
+    return ordered
+
+
 def blind_batch(entries: list[dict], n: int) -> str:
     """Batch n of entries ({"id", "prompt", "text"}) as a reader sees them: id, prompt and answer
     only (no setting, run or judge's verdict)."""

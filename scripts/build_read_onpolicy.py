@@ -21,13 +21,13 @@ harmlessness_read_{split}.jsonl with these pairs and their counterparts.
 """
 import argparse
 import json
-import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.read_judge import HOLDING, answer_id, blind_batch, parse_reads
+from genarm_core.read_judge import HOLDING, answer_id, blind_batch, blind_order, parse_reads
 from build_long_pairs import held_out, pair, write  # scripts beside this one (on sys.path when run;
 from read_pairs import counterparts, written_refusals  # in tests, by pyproject's pythonpath)
 
@@ -43,11 +43,11 @@ def harmful_prompts() -> list[dict]:
 
 
 def sample(rounds: int):
-    from genarm_core import Engine, SamplingOptions
+    from genarm_core import Engine
 
     engine, prompts, rows, start = Engine.from_profile(), harmful_prompts(), [], time.time()
     for k in range(rounds):
-        opts = SamplingOptions(temperature=0.7, top_p=0.9, no_repeat_ngram_size=3, max_new_tokens=128, seed=SEED + k)
+        opts = replace(engine.profile.defaults, seed=SEED + k)  # the demo's sampling: T 0.7, top-p 0.9, no-repeat 3, 128 tokens
         for p, answers in zip(prompts, engine.generate([p["prompt"] for p in prompts], list(PANES), opts)):
             for pane, c in enumerate(answers):
                 text = c.text.strip()
@@ -58,16 +58,6 @@ def sample(rounds: int):
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "pool.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {WORK / 'pool.jsonl'}: {len(rows)} answers, {len({r['id'] for r in rows})} distinct")
-
-
-def to_read(rows: list[dict]) -> list[dict]:
-    """Each distinct answer once, shuffled with a fixed seed: the order says nothing about the pane."""
-    seen = {}
-    for r in rows:
-        seen.setdefault(r["id"], {"id": r["id"], "prompt": r["prompt"], "text": r["text"]})
-    entries = sorted(seen.values(), key=lambda e: e["id"])
-    random.Random(0).shuffle(entries)
-    return entries
 
 
 def read_pairs(rows: list[dict], reads: dict, written: dict[str, list[str]]) -> tuple[list[dict], Counter]:
@@ -128,7 +118,7 @@ def main():
             raise SystemExit(f"error: --rounds: expected an integer >= 1, got {args.rounds}")
         return sample(args.rounds)
     if args.cmd == "batch":
-        return print(blind_batch(to_read(read_jsonl(WORK / "pool.jsonl")), args.n))
+        return print(blind_batch(blind_order(read_jsonl(WORK / "pool.jsonl")), args.n))
     apply()
 
 

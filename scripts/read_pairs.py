@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from genarm_core.data import jsonl_rows as read_jsonl
-from genarm_core.read_judge import HOLDING, answer_id, blind_batch, parse_reads
+from genarm_core.read_judge import HOLDING, answer_id, blind_batch, blind_order, parse_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "space_assets/data"
@@ -38,15 +38,10 @@ SPLITS = ("train", "heldout")
 
 
 def audited(rows: list[dict]) -> list[dict]:
-    """The chosen answers to read: one per distinct (prompt, answer), shuffled with a fixed seed so
+    """The chosen answers to read: one per distinct (prompt, answer), in read_judge.blind_order so
     that the order says nothing about the pair type."""
-    seen = {}
-    for r in rows:
-        if r["pair_type"] in AUDITED and r["family"] == "harmful":
-            seen.setdefault(answer_id(r["prompt"], r["chosen"]), {"prompt": r["prompt"], "text": r["chosen"]})
-    entries = [{"id": k, **v} for k, v in sorted(seen.items())]
-    random.Random(0).shuffle(entries)
-    return entries
+    return blind_order({"id": answer_id(r["prompt"], r["chosen"]), "prompt": r["prompt"], "text": r["chosen"]}
+                       for r in rows if r["pair_type"] in AUDITED and r["family"] == "harmful")
 
 
 def written_refusals(rows: list[dict]) -> dict[str, list[str]]:

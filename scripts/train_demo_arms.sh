@@ -42,8 +42,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 objectives=("$@")
 [ ${#objectives[@]} -gt 0 ] || objectives=(helpfulness harmlessness)
+declare -A DATA=(
+  [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
+  [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
+  [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
+  [harmlessness_read2]="--data space_assets/data/harmlessness_read2_train.jsonl --eval-data space_assets/data/harmlessness_read2_heldout.jsonl"
+  [helpfulness_hold]="--data space_assets/data/helpfulness_hold_train.jsonl --eval-data space_assets/data/helpfulness_hold_heldout.jsonl"
+)
 for obj in "${objectives[@]}"; do
-  [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || [ "$obj" = harmlessness_read ] || [ "$obj" = harmlessness_read2 ] || [ "$obj" = helpfulness_hold ] || { echo "unknown objective: $obj" >&2; exit 2; }
+  [ -n "${DATA[$obj]:-}" ] || { echo "unknown objective: $obj (one of: ${!DATA[*]})" >&2; exit 2; }
 done
 for obj in "${objectives[@]}"; do
   [ "$obj" = helpfulness ] || [ "$obj" = harmlessness ] || continue
@@ -55,13 +62,6 @@ random.Random(0).shuffle(rows)
 open(f"space_assets/data/{obj}_heldout_sample.jsonl", "w").write("\n".join(rows[:120]) + "\n")
 PY
 done
-declare -A DATA=(
-  [helpfulness]="--data space_assets/data/helpfulness_everyday_train.jsonl --eval-data space_assets/data/helpfulness_everyday_heldout.jsonl"
-  [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
-  [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
-  [harmlessness_read2]="--data space_assets/data/harmlessness_read2_train.jsonl --eval-data space_assets/data/harmlessness_read2_heldout.jsonl"
-  [helpfulness_hold]="--data space_assets/data/helpfulness_hold_train.jsonl --eval-data space_assets/data/helpfulness_hold_heldout.jsonl"
-)
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
 declare -A ARGS=(

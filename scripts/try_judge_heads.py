@@ -197,9 +197,9 @@ def curve():
     x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs],
                                   ROOT / f"runs/judge_curve_{name}.pt") for name, recs in sets.items()}
     y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in sets.items()}
+    fit = lambda parts: rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])  # noqa: E731
     for name, parts in (("1062 training reads", ["train"]), ("+ seed-0 read", ["train", "grid"])):
-        head = rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])
-        print(line(f"{name} -> seeds 1-3", seeds, rj.head_probs(head, x["seeds"])), flush=True)
+        print(line(f"{name} -> seeds 1-3", seeds, rj.head_probs(fit(parts), x["seeds"])), flush=True)
     probs = torch.zeros(len(seeds), len(rj.LABELS))
     for k in (1, 2, 3):
         test = torch.tensor([seed_of[(r["prompt"], r["text"])] == k for r in seeds])
@@ -209,8 +209,7 @@ def curve():
     print(line("+ seed-0 read + two other seeds -> each seed", seeds, probs), flush=True)
     table = grid + seeds
     for name, parts in (("1062 training reads", ["train"]), (f"+ {len(onpolicy)} on-policy reads", ["train", "onpolicy"])):
-        head = rj.train_head(torch.cat([x[p] for p in parts]), [v for p in parts for v in y[p]])
-        print(line(f"{name} -> seeds 0-3", table, rj.head_probs(head, torch.cat([x["grid"], x["seeds"]]))), flush=True)
+        print(line(f"{name} -> seeds 0-3", table, rj.head_probs(fit(parts), torch.cat([x["grid"], x["seeds"]]))), flush=True)
 
 
 def main():

@@ -1,7 +1,7 @@
 """A blind read of guided answers from several runs: which ARM's answers to harmful prompts decline
 and hold, as read (labels: read_judge.LABELS, rules: the data card's "Refusal labels").
 
-    .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR ... [--settings "helpfulness=1, harmlessness=2" ...] [--seeds 0 ...]
+    .venv/bin/python scripts/read_spotcheck.py pool NAME=DIR[,DIR] ... [--settings "helpfulness=1, harmlessness=2" ...] [--seeds 0 ...]
     .venv/bin/python scripts/read_spotcheck.py batch N     # id, prompt, answer only
     ... batch N --unread                                    # of the answers reads.tsv does not hold yet
     ... batch N --settings "helpfulness=1, harmlessness=2"  # of these settings' answers only
@@ -34,14 +34,15 @@ WORK = ROOT / "space_assets/data/spotcheck"
 DEFAULT_SETTINGS = ["helpfulness=0, harmlessness=2", "helpfulness=1, harmlessness=2"]
 
 
-def build_pool(runs: dict[str, Path], settings: list[str], seeds: list[int], everyday: int = 0) -> list[dict]:
-    """The harmful answers of these settings and seeds in each run; with everyday > 0 also every
+def build_pool(runs: dict[str, list[Path]], settings: list[str], seeds: list[int], everyday: int = 0) -> list[dict]:
+    """The harmful answers of these settings and seeds in each run (one or more folders: seeds decoded
+    apart, e.g. 0-3 in one and 4-7 in another); with everyday > 0 also every
     everyday answer that the rule judge counts as a refusal and `everyday` others per run,
     setting and seed, drawn at random (seeded). Shuffled together: the order says nothing."""
     pool, rng = [], random.Random(0)
-    for name, folder in runs.items():
+    for name, folders in runs.items():
         others = defaultdict(list)
-        for r in read_jsonl(folder / "tradeoff_samples.jsonl"):
+        for r in (r for folder in folders for r in read_jsonl(folder / "tradeoff_samples.jsonl")):
             if r["setting"] not in settings or r["seed"] not in seeds:
                 continue
             # an id per answer; seed 0's answers keep the ids of the pools read before seeds were added
@@ -120,7 +121,7 @@ def main():
     ap.add_argument("--dir", type=Path, default=WORK, help="where pool.jsonl and reads.tsv are (default: %(default)s)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pool")
-    p.add_argument("runs", nargs="+", metavar="NAME=DIR")
+    p.add_argument("runs", nargs="+", metavar="NAME=DIR[,DIR]")
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--everyday", type=int, default=0, metavar="K",
@@ -141,10 +142,10 @@ def main():
     if args.cmd == "pool":
         runs = {}
         for spec in args.runs:
-            name, sep, folder = spec.partition("=")
-            if not sep or not (Path(folder) / "tradeoff_samples.jsonl").exists():
-                raise SystemExit(f"error: {spec!r}: expected NAME=DIR with DIR/tradeoff_samples.jsonl")
-            runs[name] = Path(folder)
+            name, sep, folders = spec.partition("=")
+            runs[name] = [Path(f) for f in folders.split(",")]
+            if not sep or not all((f / "tradeoff_samples.jsonl").exists() for f in runs[name]):
+                raise SystemExit(f"error: {spec!r}: expected NAME=DIR[,DIR] with DIR/tradeoff_samples.jsonl in each")
         pool = build_pool(runs, args.settings, args.seeds, args.everyday)
         args.dir.mkdir(parents=True, exist_ok=True)
         (args.dir / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in pool))

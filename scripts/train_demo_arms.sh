@@ -31,12 +31,15 @@
 #   the default profile's answers to harmful training prompts at h1 H2 and h0 H2, one that holds as
 #   read over each that does not, with everyday counterparts (scripts/build_read_onpolicy.py), into
 #   space_assets/arms/harmlessness_read2.
+# - harmlessness_read3 (not in the default run): the same again one round on (build_read_onpolicy.py
+#   --round 2): harmlessness_read2's pairs plus pairs of the harmlessness_read2 profile's own answers,
+#   read, into space_assets/arms/harmlessness_read3.
 # - helpfulness_hold (not in the default run, not shipped): the helpfulness recipe on
 #   helpfulness_hold_train.jsonl, the everyday pairs plus pairs on harmful prompts where both sides
 #   decline and the redirect is chosen (scripts/build_decline_pairs.py), into
 #   space_assets/arms/helpfulness_hold. 183 steps, 30 min on the same machine. Alone at weight 2 it
 #   declined 8% of everyday requests (README), so the profiles keep the helpfulness ARM.
-# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [harmlessness_read2] [helpfulness_hold]
+# Usage: bash scripts/train_demo_arms.sh [helpfulness] [harmlessness] [harmlessness_read] [harmlessness_read2] [harmlessness_read3] [helpfulness_hold]
 #   (default: the first two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +50,7 @@ declare -A DATA=(
   [harmlessness]="--data space_assets/data/harmlessness_all_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
   [harmlessness_read]="--data space_assets/data/harmlessness_read_train.jsonl --eval-data space_assets/data/harmlessness_all_heldout.jsonl"
   [harmlessness_read2]="--data space_assets/data/harmlessness_read2_train.jsonl --eval-data space_assets/data/harmlessness_read2_heldout.jsonl"
+  [harmlessness_read3]="--data space_assets/data/harmlessness_read3_train.jsonl --eval-data space_assets/data/harmlessness_read3_heldout.jsonl"
   [helpfulness_hold]="--data space_assets/data/helpfulness_hold_train.jsonl --eval-data space_assets/data/helpfulness_hold_heldout.jsonl"
 )
 for obj in "${objectives[@]}"; do
@@ -69,6 +73,7 @@ declare -A ARGS=(
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
   [harmlessness_read]="--lr 1e-3 --epochs 2 --eval-every 45"
   [harmlessness_read2]="--lr 1e-3 --epochs 2 --eval-every 45"
+  [harmlessness_read3]="--lr 1e-3 --epochs 2 --eval-every 45"
   [helpfulness_hold]="--lr 1e-3 --epochs 1 --eval-every 50"
 )
 for obj in "${objectives[@]}"; do

@@ -142,7 +142,7 @@ def test_a_pool_with_everyday_answers_takes_every_rule_refusal_and_k_others(tmp_
     rows = [{"prompt": f"p{i}", "family": fam, "setting": s, "seed": seed, "text": f"t{i}", "refusal": i % 5 == 0}
             for i in range(40) for fam, s, seed in [(["harmful", "benign"][i % 2], ["A", "B"][i // 20], i // 30)]]
     (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pool = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0], everyday=2)
+    pool = sc.build_pool({"run": [tmp_path]}, ["A", "B"], seeds=[0], everyday=2)
     seed0 = [r for r in rows if r["seed"] == 0]
     assert {e["text"] for e in pool if e["family"] == "harmful"} == {r["text"] for r in seed0 if r["family"] == "harmful"}
     benign = [e for e in pool if e["family"] == "benign"]
@@ -173,10 +173,16 @@ def test_a_pool_of_several_seeds_names_each_answer_by_its_seed_and_keeps_seed_0s
     rows = [{"prompt": "p", "family": "harmful", "setting": s, "seed": seed, "text": "the same answer", "refusal": True}
             for s in ("A", "B") for seed in (0, 1, 2)]
     (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    one = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0])
-    several = sc.build_pool({"run": tmp_path}, ["A", "B"], seeds=[0, 1, 2])
+    one = sc.build_pool({"run": [tmp_path]}, ["A", "B"], seeds=[0])
+    several = sc.build_pool({"run": [tmp_path]}, ["A", "B"], seeds=[0, 1, 2])
     assert len(several) == 6 and len({e["id"] for e in several}) == 6  # the same text in three seeds: three answers
     assert {e["id"] for e in one} == {e["id"] for e in several if e["seed"] == 0}
+    apart = tmp_path / "seeds_1_2"  # seeds decoded in another run folder join the same run
+    apart.mkdir()
+    (apart / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"]))
+    (tmp_path / "tradeoff_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if not r["seed"]))
+    assert sorted(e["id"] for e in sc.build_pool({"run": [tmp_path, apart]}, ["A", "B"], seeds=[0, 1, 2])) == \
+        sorted(e["id"] for e in several)
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in several))
     monkeypatch.setattr("sys.argv", ["read_spotcheck", "--dir", str(tmp_path), "batch", "0", "--settings", "B"])
     sc.main()
@@ -221,12 +227,16 @@ def test_a_prompt_that_never_holds_takes_a_written_refusal_and_an_unread_answer_
         ro.read_pairs([answer(HOLDS, 0)], reads, {})
 
 
-def test_the_shipped_onpolicy_reads_cover_every_answer_and_the_shipped_pairs_are_up_to_date():
-    rows, reads = jsonl_rows(ro.WORK / "pool.jsonl"), rj.parse_reads(ro.WORK / "reads.tsv")
+@pytest.mark.parametrize("n", sorted(ro.ROUNDS))
+def test_the_shipped_onpolicy_reads_cover_every_answer_and_the_shipped_pairs_are_up_to_date(n):
+    rnd = ro.ROUNDS[n]
+    rows, reads = jsonl_rows(rp.DATA / rnd.work / "pool.jsonl"), rj.parse_reads(rp.DATA / rnd.work / "reads.tsv")
     assert {r["id"] for r in rows} <= set(reads) and len(rows) == 2 * 3 * len(ro.harmful_prompts())
     for split in rp.SPLITS:
-        out, new, _ = ro.split_pairs(rows, reads, split)
-        assert jsonl_rows(rp.DATA / f"harmlessness_read2_{split}.jsonl") == out  # the shipped file is up to date
+        out, new, _ = ro.split_pairs(rnd, rows, reads, split)
+        assert jsonl_rows(rp.DATA / f"{rnd.out}_{split}.jsonl") == out  # the shipped file is up to date
+        base = jsonl_rows(rp.DATA / f"{rnd.base}_{split}.jsonl")
+        assert out[:len(base)] == base and len(out) == len(base) + 2 * len(new)  # added to: new pairs + counterparts
         assert len(new) > 0 and all(reads[rj.answer_id(p["prompt"], p["rejected"])][0] not in rj.HOLDING for p in new)
 
 

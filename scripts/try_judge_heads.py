@@ -183,8 +183,9 @@ def curve():
     """The shipped head's recipe trained on more reads, read against the readers' consensus on
     answers it never saw: the 1062 training reads -> seeds 1-3 (spotcheck_seeds); + the seed-0
     read (spotcheck_grid) -> seeds 1-3; + the seed-0 read and two other seeds -> each seed in turn.
-    And reads of other prompts: the 1062, and the 1062 + the on-policy read (onpolicy_read: the
-    default profile's answers to harmful training prompts) -> seeds 0-3 (the table's reads)."""
+    And reads of other prompts: the 1062, the 1062 + the on-policy read (onpolicy_read: the
+    default profile's answers to harmful training prompts), and + its second round (onpolicy_read2:
+    the on-policy profile's) -> seeds 0-3 (the table's reads)."""
     train = rj.hand_reads()
     seen = {(r["prompt"], r["text"]) for r in train}
     unseen = lambda recs: [r for r in recs if (r["prompt"], r["text"]) not in seen]  # noqa: E731
@@ -193,7 +194,8 @@ def curve():
     seeds = unseen(rj.pool_reads(rj.DATA / "spotcheck_seeds", consensus=True))
     seed_of = {(e["prompt"], e["text"]): e["seed"] for e in read_jsonl(rj.DATA / "spotcheck_seeds/pool.jsonl")}
     onpolicy = unseen(rj.pool_reads(rj.DATA / "onpolicy_read"))
-    sets = {"train": train, "grid": grid, "seeds": seeds, "onpolicy": onpolicy}
+    onpolicy2 = unseen(rj.pool_reads(rj.DATA / "onpolicy_read2"))
+    sets = {"train": train, "grid": grid, "seeds": seeds, "onpolicy": onpolicy, "onpolicy2": onpolicy2}
     x = {name: rj.cached_features([r["prompt"] for r in recs], [r["text"] for r in recs],
                                   ROOT / f"runs/judge_curve_{name}.pt") for name, recs in sets.items()}
     y = {name: [rj.LABELS.index(r["label"]) for r in recs] for name, recs in sets.items()}
@@ -208,7 +210,8 @@ def curve():
         probs[test] = rj.head_probs(head, x["seeds"][test])
     print(line("+ seed-0 read + two other seeds -> each seed", seeds, probs), flush=True)
     table = grid + seeds
-    for name, parts in (("1062 training reads", ["train"]), (f"+ {len(onpolicy)} on-policy reads", ["train", "onpolicy"])):
+    for name, parts in (("1062 training reads", ["train"]), (f"+ {len(onpolicy)} on-policy reads", ["train", "onpolicy"]),
+                        (f"+ {len(onpolicy) + len(onpolicy2)} on-policy reads (2 rounds)", ["train", "onpolicy", "onpolicy2"])):
         print(line(f"{name} -> seeds 0-3", table, rj.head_probs(fit(parts), torch.cat([x["grid"], x["seeds"]]))), flush=True)
 
 

@@ -110,6 +110,7 @@ def split_pairs(rnd: Round, rows: list[dict], reads: dict, split: str) -> tuple[
     base = read_jsonl(DATA / f"{rnd.base}_{split}.jsonl")
     new, counts = read_pairs([r for r in rows if (r["prompt"] in held) == (split == "heldout")], reads,
                              written_refusals(base))
+    # the counterparts of all read pairs, in order; those of base's own read pairs (round 2 on) are in base
     extra = counterparts(base + new, pair_types=("refusal_vs_read_pivot",), seed=1)[-len(new):] if new else []
     return base + new + extra, new, counts
 

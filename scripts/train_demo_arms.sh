@@ -68,16 +68,13 @@ PY
 done
 COMMON=(--lora-layers 20-29 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
         --length-normalise --nll-weight 0.3 --beta 0.5 --batch-size 8 --eval-batch-size 8 --seed 0 --no-progress)
-declare -A ARGS=(
+declare -A RECIPE=(  # per objective: every ARM of an objective trains with its recipe, on its own DATA
   [helpfulness]="--lr 1e-3 --epochs 1 --eval-every 50"
   [harmlessness]="--lr 1e-3 --epochs 2 --eval-every 45"
-  [harmlessness_read]="--lr 1e-3 --epochs 2 --eval-every 45"
-  [harmlessness_read2]="--lr 1e-3 --epochs 2 --eval-every 45"
-  [harmlessness_read3]="--lr 1e-3 --epochs 2 --eval-every 45"
-  [helpfulness_hold]="--lr 1e-3 --epochs 1 --eval-every 50"
 )
 for obj in "${objectives[@]}"; do
+  objective="${obj%%_*}"
   # shellcheck disable=SC2086
-  .venv/bin/python -m genarm_core train --objective "${obj%%_*}" ${DATA[$obj]} \
-    --out "space_assets/arms/$obj" "${COMMON[@]}" ${ARGS[$obj]} > "space_assets/arms/$obj.log" 2>&1
+  .venv/bin/python -m genarm_core train --objective "$objective" ${DATA[$obj]} \
+    --out "space_assets/arms/$obj" "${COMMON[@]}" ${RECIPE[$objective]} > "space_assets/arms/$obj.log" 2>&1
 done

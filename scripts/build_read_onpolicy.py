@@ -4,10 +4,11 @@
     .venv/bin/python scripts/build_read_onpolicy.py [--round 1] batch N               # 30 answers, blind: id, prompt, answer
     .venv/bin/python scripts/build_read_onpolicy.py [--round 1] apply                 # -> harmlessness_read2_{train,heldout}.jsonl
 
-Read blind over the trade-off run's 4 seeds, the default profile holds on 93% of held-out harmful
-requests at harmlessness 2 and on 58% with helpfulness 1 as well: its answers decline and then
-comply (README). No judge reads that well enough to pick pairs (the learned one: precision 0.84),
-so here a person reads them. `sample` draws the default profile's own answers to the harmful
+Read blind over the trade-off run's 4 seeds, the read-pairs profile (smollm2-135m-read-pairs, the
+default before these rounds) holds on 93% of held-out harmful requests at harmlessness 2 and on 58%
+with helpfulness 1 as well: its answers decline and then comply (README). No judge reads that well
+enough to pick pairs (the learned one: precision 0.84), so here a person reads them. `sample`
+draws the read-pairs profile's own answers to the harmful
 training prompts at the two panes PANES, at the demo's sampling, --rounds times (seeds 700 + k).
 The reader labels each distinct answer in reads.tsv beside them (id, label, note; labels and
 rules: read_judge.LABELS and the data card's "Refusal labels"). `apply` pairs, per prompt, an
@@ -21,7 +22,7 @@ harmlessness_read_{split}.jsonl with these pairs and their counterparts.
 
 --round 2 does it again one step on (ROUNDS): it samples the profile trained on round 1's pairs
 (smollm2-135m-read-onpolicy), at seeds 710 + k, into onpolicy_read2/, and adds its read pairs to
-harmlessness_read2's, into harmlessness_read3_{split}.jsonl.
+harmlessness_read2's, into harmlessness_read3_{split}.jsonl: the default profile's harmlessness ARM.
 """
 import argparse
 import json
@@ -42,14 +43,14 @@ PANES = ({"helpfulness": 1.0, "harmlessness": 2.0}, {"helpfulness": 0.0, "harmle
 
 @dataclass(frozen=True)
 class Round:
-    profile: str | None  # the profile whose answers are read (None: the default one)
+    profile: str         # the profile whose answers are read
     work: str            # folder under DATA: pool.jsonl (the answers) and reads.tsv (their reads)
     seed: int            # sampling seeds seed, seed + 1, ...: none the other pair builders or the trade-off run use
     base: str            # the pairs these are added to: DATA/{base}_{split}.jsonl
     out: str             # -> DATA/{out}_{split}.jsonl
 
 
-ROUNDS = {1: Round(None, "onpolicy_read", 700, "harmlessness_read", "harmlessness_read2"),
+ROUNDS = {1: Round("smollm2-135m-read-pairs", "onpolicy_read", 700, "harmlessness_read", "harmlessness_read2"),
           2: Round("smollm2-135m-read-onpolicy", "onpolicy_read2", 710, "harmlessness_read2", "harmlessness_read3")}
 
 

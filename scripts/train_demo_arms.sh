@@ -23,17 +23,18 @@
 # - harmlessness_read (not in the default run, since its pairs need the first ARMs' on-policy pairs and
 #   their reads): the harmlessness recipe on harmlessness_read_train.jsonl, the pairs changed by reading
 #   their chosen refusals (scripts/read_pairs.py apply; data card, "Pair reads"), into
-#   space_assets/arms/harmlessness_read: the default profile's harmlessness ARM. Its data also holds one
+#   space_assets/arms/harmlessness_read: the read-pairs profile's harmlessness ARM (the default's before
+#   the on-policy rounds). Its data also holds one
 #   everyday pair per turned pair, an answer over that same written refusal (read_pairs.py
 #   counterparts). 256 steps, 17.5 min on a 2-core Intel Xeon (AVX-512, AMX).
-# - harmlessness_read2 (not in the default run: its pairs need the default profile's own answers,
+# - harmlessness_read2 (not in the default run: its pairs need the read-pairs profile's own answers,
 #   read): the same recipe on harmlessness_read2_train.jsonl, harmlessness_read's pairs plus pairs of
-#   the default profile's answers to harmful training prompts at h1 H2 and h0 H2, one that holds as
+#   the read-pairs profile's answers to harmful training prompts at h1 H2 and h0 H2, one that holds as
 #   read over each that does not, with everyday counterparts (scripts/build_read_onpolicy.py), into
 #   space_assets/arms/harmlessness_read2.
 # - harmlessness_read3 (not in the default run): the same again one round on (build_read_onpolicy.py
 #   --round 2): harmlessness_read2's pairs plus pairs of the harmlessness_read2 profile's own answers,
-#   read, into space_assets/arms/harmlessness_read3.
+#   read, into space_assets/arms/harmlessness_read3: the default profile's harmlessness ARM.
 # - helpfulness_hold (not in the default run, not shipped): the helpfulness recipe on
 #   helpfulness_hold_train.jsonl, the everyday pairs plus pairs on harmful prompts where both sides
 #   decline and the redirect is chosen (scripts/build_decline_pairs.py), into

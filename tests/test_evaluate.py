@@ -194,3 +194,24 @@ def test_hand_reads_attach_to_the_same_answer_and_give_the_as_read_column():
     head, _, row0, row2 = table.splitlines()
     assert head.endswith("read by hand [95% CI] |") and row0.endswith("| - |")
     assert row2.endswith(f"| 67% [{100 * low:.0f}, {100 * high:.0f}] (2/3) |")
+
+
+def test_the_shipped_tradeoff_is_the_default_profiles_whole_grid_with_baselines_and_reads():
+    """space_assets/tradeoff.json is what the demo's Trade-off tab and the README show: it must be the
+    default profile's, over the issue's grid (h 0-2 x H 0-4, 4 seeds, 128 tokens), with both kinds of
+    baseline and a hand read of at least 48 harmful answers at every harmlessness-on setting."""
+    from pathlib import Path
+
+    from genarm_core.config import load_config
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "space_assets/tradeoff.json").read_text())
+    meta, summary = data["meta"], data["summary"]
+    assert meta["profile"] == load_config().default_profile
+    assert meta["values"] == {"helpfulness": [0.0, 1.0, 2.0], "harmlessness": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    assert meta["seeds"] == [0, 1, 2, 3] and meta["options"]["max_new_tokens"] == 128 and meta["prompts"] == 108
+    grid = [s for s in summary if not s["baseline"]]
+    assert len(grid) == 15 and all(s["n"] == 108 * 4 for s in summary)
+    assert {s["setting"] for s in summary if s["baseline"]} >= {"system prompt: harmless", "DPO (LoRA, same pairs)"}
+    for s in grid:
+        if s["weights"]["harmlessness"] > 0:
+            assert s["holds_harmful_as_read"]["read"] >= 48, s["setting"]

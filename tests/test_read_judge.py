@@ -179,7 +179,8 @@ def test_consensus_takes_the_label_two_readers_give_and_else_the_majority_on_wha
 
 @pytest.mark.parametrize("name, second_reads", [("spotcheck_grid", "all"), ("spotcheck_seeds", "headline settings"),
                                                 ("spotcheck_onpolicy", "all"), ("spotcheck_onpolicy2", "all"),
-                                                ("spotcheck_onpolicy3", "all"), ("spotcheck_onpolicy4", "all")])
+                                                ("spotcheck_onpolicy3", "all"), ("spotcheck_onpolicy4", "all"),
+                                                ("spotcheck_grid3", "all")])
 def test_the_table_reads_were_read_again_and_every_split_a_third_time(name, second_reads):
     folder = rj.DATA / name
     pool = [json.loads(line) for line in (folder / "pool.jsonl").read_text().splitlines()]

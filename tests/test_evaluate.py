@@ -1,8 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from genarm_core import SamplingOptions
+from genarm_core.config import load_config
 from genarm_core.evaluate import judge_records, markdown_table, merge_records, paired_gain, plot, run_grid, summarise, weight_grid
 
 
@@ -200,10 +202,6 @@ def test_the_shipped_tradeoff_is_the_default_profiles_whole_grid_with_baselines_
     """space_assets/tradeoff.json is what the demo's Trade-off tab and the README show: it must be the
     default profile's, over the issue's grid (h 0-2 x H 0-4, 4 seeds, 128 tokens), with both kinds of
     baseline and a hand read of at least 48 harmful answers at every harmlessness-on setting."""
-    from pathlib import Path
-
-    from genarm_core.config import load_config
-
     data = json.loads((Path(__file__).resolve().parent.parent / "space_assets/tradeoff.json").read_text())
     meta, summary = data["meta"], data["summary"]
     assert meta["profile"] == load_config().default_profile

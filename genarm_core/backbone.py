@@ -227,8 +227,6 @@ class _Layer:
             out = native.linear(x, *product._native_args, residual)
         else:
             out = product(x, any_rows=True)
-            if out.stride(-1) != 1:  # the 'wt' form gives x W^T as a transposed view; the kernels read rows
-                out = out.contiguous()
             if residual is not None:
                 out[:, :width] += residual
         if lora is None:
@@ -353,8 +351,6 @@ class Backbone:
         if self.native is not None and hidden.dim() == 2:  # decode rows: each row on its own
             out = self.head(hidden, any_rows=True)
             if self.head_lora is not None:
-                if out.stride(-1) != 1:  # the 'wt' form's transposed view: the kernel adds to rows
-                    out = out.contiguous()
                 u = self.native.mm_f32(hidden.contiguous(), self.head_lora.A_rows)
                 self.native.lora_add(out, u, self.head_lora.native_parts, self.head_lora.Bt, self.head_lora.M)
             return out

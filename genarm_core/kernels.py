@@ -11,11 +11,16 @@ bfloat16 batched matmuls of attention's small shapes took 0.3-0.8 ms each on tha
 
 Batch invariance. The scheduler batches every user's rows together, so a row's result must not
 depend on how many other rows share its product; otherwise a stream's tokens would depend on the
-traffic. The measurement also checks, per form, that row 0 comes out bit-identical at every
-bucket from 2 rows up; where every shape has such a form (and attention one too), the engine
-uses that one form at every row count and runs a single row as two (`Tuning.invariant`). On that
-EPYC every bfloat16 form was invariant from 2 rows up (1 row differed for a 1536-wide input),
-and no float32 form was: there float32 results differ in the last bits with the batch's size.
+traffic. The measurement also checks, per form, that every row comes out bit-identical at every
+bucket from 2 rows up (to the same row in a batch of two); where every shape has such a form (and
+attention one too), the engine uses that one form at every row count and runs a single row as two
+(`Tuning.invariant`). In float32 only: a bfloat16 product rounds its float32 sums to 8 bits,
+which hides most differences from any check. On that EPYC a row-0 check passed every bfloat16
+form; on an AVX-512 Xeon bfloat16 F.linear kept row 0 at every bucket but not rows after it, and
+forms that kept every measured row gave other rows different bits in a real decode. The native
+float32 kernels are invariant by construction; among the library's float32 forms it varies by
+CPU (on that EPYC none was). Every form returns plain rows (row-major), so what runs after a
+product sees one layout at every batch size (on a transposed view, SiLU's bits changed with it).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # rows per product
 COLD_BYTES = 96 << 20  # weights cycled through while timing, more than a CPU cache holds
-TUNING_VERSION = 7  # bump when the candidate forms change, so cached measurements are redone
+TUNING_VERSION = 8  # bump when the candidate forms change, so cached measurements are redone
 
 
 def mkldnn_available(device) -> bool:
@@ -207,10 +212,10 @@ def apply_form(form: str, x, weight, bias=None, packed=None) -> torch.Tensor:
         return y.view(*x.shape[:-1], weight.shape[0])
     if form == "mkldnn":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if form == "wt":
-        x2 = x.reshape(-1, x.shape[-1])
-        y = (weight @ x2.T).T if bias is None else torch.addmm(bias[:, None], weight, x2.T).T
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+    if form == "wt":  # W x^T, copied back to rows: the ops after a product see one layout at every
+        x2 = x.reshape(-1, x.shape[-1])  # batch size (on a transposed view, SiLU's results changed with it)
+        y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)  # [out, rows]
+        return y.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -295,10 +300,15 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
     weights = [torch.randn(out_f, in_f, dtype=dtype, device=device) * 0.02 for _ in range(copies)]
     packed = [pack(w) for w in weights] if "mkldnn" in forms else [None] * copies
     plan = Plan({})
-    xs = torch.randn(max(buckets[-1], 2), in_f, dtype=dtype, device=device)
-    row0 = {form: apply_form(form, xs[:2], weights[0], None, packed[0])[:1] for form in forms}
-    one_row = {f for f in forms if torch.equal(apply_form(f, xs[:1], weights[0], None, packed[0]), row0[f])}
-    invariant = set(forms)
+    n = -(-max(buckets[-1], 2) // 2) * 2
+    xs = torch.randn(n, in_f, dtype=dtype, device=device)
+    # every row's result in a batch of two: a form is batch-invariant where every row of every bucket
+    # equals it (every row, not one: in bfloat16 a single random row matched by chance, rows after it not)
+    pairs = {form: torch.cat([apply_form(form, xs[i:i + 2], weights[0], None, packed[0]) for i in range(0, n, 2)])
+             for form in forms}  # [n, out_f]
+    one_row = {f for f in forms if all(torch.equal(apply_form(f, xs[i:i + 1], weights[0], None, packed[0]),
+                                                   pairs[f][i:i + 1]) for i in range(min(n, 16)))}
+    invariant = set(forms) if dtype == torch.float32 else set()  # see Tuning.invariance
     for b in buckets:
         x = xs[:b]
         times = {}
@@ -308,7 +318,7 @@ def measure_linear(out_f: int, in_f: int, dtype, device, buckets=BUCKETS, passes
                     apply_form(form, x, w, None, p)
             run()  # warm-up
             times[form] = _timed(run, passes) / copies * 1e6
-            if b >= 2 and not torch.equal(apply_form(form, x, weights[0], None, packed[0])[:1], row0[form]):
+            if b >= 2 and not torch.equal(apply_form(form, x, weights[0], None, packed[0]), pairs[form][:b]):
                 invariant.discard(form)
         plan.forms[b] = min(times, key=times.get)
         plan.times_us[b] = {k: round(v, 1) for k, v in times.items()}
@@ -383,6 +393,7 @@ class Tuning:
     linear: dict[tuple[int, int], Plan]
     attention: Plan
     key: str = ""
+    dtype: torch.dtype = torch.float32  # of the products
 
     @property
     def invariant(self) -> bool:
@@ -393,6 +404,9 @@ class Tuning:
         """Why rows do (or may not) come out independent of the batch, in words."""
         if self.key == "plain":
             return "not claimed: plain forms, nothing measured"
+        if self.dtype != torch.float32:
+            return (f"not claimed in {str(self.dtype).removeprefix('torch.')}: products round their float32 sums "
+                    "to it, so equal bits on measured rows do not show equal sums (float32 does)")
         missing = sorted(shape for shape, p in self.linear.items() if p.invariant is None)
         reasons = [f"{len(missing)} of {len(self.linear)} product shapes have no form whose rows are bit-identical "
                    f"at every batch size here (e.g. {'x'.join(map(str, missing[0]))})"] if missing else []
@@ -460,7 +474,7 @@ def tune(shapes, attention: tuple[int, int, int], dtype, device, cache_dir: Path
             tmp.write_text(json.dumps(known, indent=1))
             tmp.replace(path)
     return Tuning({s: _plan(known["linear"][name(s)]) for s in shapes}, _plan(known["attention"][name(attention)]),
-                  key=source)
+                  key=source, dtype=dtype)
 
 
 def _plan_json(p: Plan) -> dict:

@@ -83,6 +83,7 @@ def test_batch_invariance_holds_where_the_tuner_claims_it_else_rounding_bounds_t
     w = torch.randn(48, 32, dtype=dtype)
     lin = kernels.Linear(w, None, plan, invariant=True)
     assert lin.invariant == (plan.invariant is not None)
+    assert dtype == torch.float32 or plan.invariant is None  # claimed in float32 only (kernels' doc)
     x = torch.randn(8, 1, 32, dtype=dtype)
     alone = [lin(x[i:i + 1]) for i in range(8)]
     for R in (2, 3, 8):
@@ -93,6 +94,12 @@ def test_batch_invariance_holds_where_the_tuner_claims_it_else_rounding_bounds_t
             else:
                 bound = 2 * kernels.rounding_bound(x[i], w)
                 assert ((together[i].double() - alone[i][0].double()).abs() <= bound).all()
+
+
+def test_bfloat16_plans_claim_no_invariance_and_say_why(tmp_path):
+    tuning = kernels.tune([(48, 32)], (4, 2, 8), torch.bfloat16, "cpu", tmp_path, max_rows=4)
+    assert not tuning.invariant and "not claimed in bfloat16" in tuning.invariance()
+    assert kernels.tune([(48, 32)], (4, 2, 8), torch.float32, "cpu", tmp_path, max_rows=4).dtype == torch.float32
 
 
 @pytest.mark.parametrize("form", ["linear", "wt", "mkldnn"])
@@ -107,15 +114,15 @@ def test_every_product_form_computes_x_times_w_transposed(form, dtype):
     packed = kernels.pack(w) if form == "mkldnn" else None
     expected = (x.double() @ w.double().T + b.double())
     got = kernels.apply_form(form, x, w, b, packed).double()
-    assert got.shape == (3, 2, 40)
+    assert got.shape == (3, 2, 40) and kernels.apply_form(form, x, w, b, packed).is_contiguous()  # rows, whatever the form
     bound = kernels.rounding_bound(x.reshape(-1, 24), w).view(3, 2, 40) + torch.finfo(dtype).eps * b.double().abs()
     assert ((got - expected).abs() <= 2 * bound + 1e-12).all()
 
 
 @pytest.mark.parametrize("form", ["linear", "wt", "native"])
 def test_the_native_step_gives_the_same_tokens_whatever_product_form_was_measured_fastest(tiny, arms_spec, form, monkeypatch):
-    """The tuner picks forms per CPU ('wt' returns a transposed view, as it won on an AVX2 EPYC);
-    the native layer step must read any of them. Forced here so every CPU runs each."""
+    """The tuner picks forms per CPU ('wt' won on an AVX2 EPYC); the native layer step must give
+    the same tokens with any of them. Forced here so every CPU runs each."""
     if form not in kernels.capabilities("cpu", torch.float32).forms:
         pytest.skip(f"{form} is not offered here")
     opts = SamplingOptions(temperature=0, max_new_tokens=6)

@@ -3,9 +3,10 @@ its solo run (the contract), whatever else is batched with it."""
 import threading
 
 import pytest
+import torch
 
 from conftest import engine_for
-from genarm_core import SamplingOptions
+from genarm_core import SamplingOptions, kernels
 
 CASES = [  # prompt, panes, options
     ("Tell me about tea.", [{"help": 1.0}, {}], SamplingOptions(temperature=0.9, max_new_tokens=14, seed=1)),
@@ -216,8 +217,18 @@ def test_waiting_prompts_are_written_together_in_one_forward(tiny, arms_spec, mo
     assert [[c.token_ids for c in r] for r in together] == [[c.token_ids for c in r[0]] for r in alone]
 
 
-def test_the_torch_path_writes_prompts_whole_and_still_matches_solo_runs(tiny, arms_spec):
-    """Without the native kernels (GPUs, bf16): prompts are written whole and alone, decodes batch."""
+@pytest.mark.parametrize("form", ["timed", "wt", "mkldnn", "native"])
+def test_the_torch_path_writes_prompts_whole_and_still_matches_solo_runs(tiny, arms_spec, form, monkeypatch, tmp_path):
+    """Without the native kernels (GPUs, bf16): prompts are written whole and alone, decodes batch.
+    Which batch-invariant form each product uses is decided by timing ('timed'), so each form is
+    also forced wherever it was measured invariant: what runs after a product (SiLU, rotary, the
+    LoRA deltas) must keep rows independent of the batch whatever form produced them."""
+    if form != "timed":
+        if form not in kernels.capabilities("cpu", torch.float32).forms:
+            pytest.skip(f"{form} is not offered here")
+        fastest = kernels._least_regret
+        monkeypatch.setattr(kernels, "_least_regret", lambda times, found: form if form in found else fastest(times, found))
+        monkeypatch.setenv("GENARM_TUNING_CACHE", str(tmp_path))  # measured again, with the forced choice
     engine = engine_for(tiny["root"] / "base", arms_spec, engine={"native_step": False})
     assert not engine.core.runner.ragged and not engine.core.scheduler.chunked
     solo = [record(engine.stream(p, panes, o)) for p, panes, o in CASES]

@@ -5,12 +5,19 @@
     .venv/bin/python scripts/refusal_labels.py join     # reads + pool -> refusal_labels.jsonl
     .venv/bin/python scripts/refusal_labels.py rates    # per setting: declines and holds, as read
 
-`pool` draws a stratified sample of space_assets/tradeoff_samples.jsonl (harmful answers with
+`pool` draws a stratified sample of a trade-off run's samples (harmful answers with
 harmlessness on and the rule judge saying refusal drawn most), adds the hand-read answers of
 refusal_reads.jsonl that the trade-off samples do not hold (two other ARMs), removes duplicate
 texts and shuffles, so that the pool's order says nothing about the setting. The reader sees only
 `batch` output and writes one line per answer to refusal_label_reads.tsv: id, label, note.
 `join` attaches each read to its answer's prompt, family, setting and seed.
+
+The shipped pool was drawn from the trade-off samples of commit 8af406e (the first harmlessness
+ARM's run; space_assets/tradeoff_samples.jsonl holds the default profile's run now). `pool` and
+`rates` take them with --samples:
+
+    git show 8af406e:space_assets/tradeoff_samples.jsonl > /tmp/first_arm_samples.jsonl
+    .venv/bin/python scripts/refusal_labels.py pool --samples /tmp/first_arm_samples.jsonl   # the same 496
 """
 import argparse
 import json
@@ -23,7 +30,6 @@ from genarm_core.data import jsonl_rows as read_jsonl
 from genarm_core.read_judge import HOLDING, LABELS, READ_BATCH, answer_id, blind_batch, parse_reads
 
 DATA = ROOT / "space_assets/data"
-SAMPLES = ROOT / "space_assets/tradeoff_samples.jsonl"
 OLD_READS = DATA / "refusal_reads.jsonl"
 POOL = DATA / "refusal_label_pool.jsonl"
 READS = DATA / "refusal_label_reads.tsv"
@@ -74,9 +80,9 @@ def old_read_entry(r: dict) -> dict:
             "earlier_read": r["read"]}
 
 
-def build_pool() -> list[dict]:
+def build_pool(samples: Path) -> list[dict]:
     rng = random.Random(SEED)
-    records = read_jsonl(SAMPLES)
+    records = read_jsonl(samples)
     old = read_jsonl(OLD_READS)
     old_by_id = {answer_id(o["prompt"], o["text"]): o for o in old}
     pool, seen = [], set()
@@ -129,8 +135,8 @@ def read_rate(samples: list[dict], labelled: list[dict], setting: str, family: s
             "rule": sum(r["refusal"] for r in rows) / len(rows)}
 
 
-def print_rates():
-    samples, labelled = read_jsonl(SAMPLES), read_jsonl(LABELS_OUT)
+def print_rates(path: Path):
+    samples, labelled = read_jsonl(path), read_jsonl(LABELS_OUT)
     print("| setting | refusals (harmful), rule judge | declines and holds, as read | answers read |\n|---|---|---|---|")
     for setting in dict.fromkeys(r["setting"] for r in samples):
         m = read_rate(samples, labelled, setting, "harmful", lambda label: label in HOLDING)
@@ -143,19 +149,23 @@ def print_rates():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("pool")
+    for name in ("pool", "rates"):
+        sub.add_parser(name).add_argument("--samples", type=Path, required=True,
+                                          help="the trade-off run's samples the pool is drawn from (see above)")
     sub.add_parser("batch").add_argument("n", type=int)
     sub.add_parser("join")
-    sub.add_parser("rates")
     args = ap.parse_args()
     if args.cmd == "pool":
-        pool = build_pool()
+        pool = build_pool(args.samples)
+        if POOL.exists() and [e["id"] for e in read_jsonl(POOL)] != [e["id"] for e in pool]:
+            raise SystemExit(f"{args.samples} gives another pool than the shipped {POOL}, whose reads are "
+                             "keyed by its answers; remove it first to draw a new one")
         POOL.write_text("".join(json.dumps(e) + "\n" for e in pool))
         print(f"{len(pool)} answers in {POOL} ({-(-len(pool) // READ_BATCH)} batches of {READ_BATCH})")
     elif args.cmd == "batch":
         print(blind_batch(read_jsonl(POOL), args.n))
     elif args.cmd == "rates":
-        print_rates()
+        print_rates(args.samples)
     else:
         labelled = join(read_jsonl(POOL), parse_reads(READS))
         LABELS_OUT.write_text("".join(json.dumps(e) + "\n" for e in labelled))

@@ -11,7 +11,7 @@ authentication), so results are reported with and without them.
 Per prompt: SmolLM2's own answers (the base alone, the demo's sampling) that the rule judge does
 not count as declines are the chosen sides; the rejected sides are the default profile's own
 answers at harmlessness 2 that decline (on-policy) and SmolLM2's answers forced to open with a
-refusal (as build_preference_data.py writes them).
+refusal (as build_preference_data.py writes them, with six of its openers).
 
     .venv/bin/python scripts/build_protective_pairs.py --out runs/protective_pairs.jsonl
 """

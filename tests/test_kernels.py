@@ -113,8 +113,9 @@ def test_every_product_form_computes_x_times_w_transposed(form, dtype):
     x = torch.randn(3, 2, 24, dtype=dtype)
     packed = kernels.pack(w) if form == "mkldnn" else None
     expected = (x.double() @ w.double().T + b.double())
-    got = kernels.apply_form(form, x, w, b, packed).double()
-    assert got.shape == (3, 2, 40) and kernels.apply_form(form, x, w, b, packed).is_contiguous()  # rows, whatever the form
+    out = kernels.apply_form(form, x, w, b, packed)
+    assert out.shape == (3, 2, 40) and out.is_contiguous()  # rows, whatever the form
+    got = out.double()
     bound = kernels.rounding_bound(x.reshape(-1, 24), w).view(3, 2, 40) + torch.finfo(dtype).eps * b.double().abs()
     assert ((got - expected).abs() <= 2 * bound + 1e-12).all()
 
